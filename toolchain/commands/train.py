@@ -1,0 +1,57 @@
+"""toolchain train MODEL — train a zoo model on MNIST with its recipe (models/MODEL/train.toml), export ONNX."""
+import tomllib
+from pathlib import Path
+
+NAME = "train"
+HELP = "train a reference model from the zoo (resumable, seeded) and export it as ONNX"
+
+
+def add_arguments(p):
+    p.add_argument("model", help="zoo model name (lenet-300-100, lenet-5)")
+    p.add_argument("-o", "--output", default=None, help="ONNX file (default: models/MODEL/MODEL.onnx)")
+    p.add_argument("--config", default=None, help="training TOML (default: models/MODEL/train.toml)")
+    p.add_argument("--epochs", type=float, default=None, help="override the recipe's epochs")
+    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: OUTPUT.ckpt)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--data", metavar="DIR", default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    import torch
+
+    from converters import torch_to_onnx
+
+    from ..data import load_mnist
+    from ..errors import ToolchainError
+    from ..recipe import build_dataclass
+    from ..train import TrainConfig, evaluate, train
+    from ..zoo import create_model, get_model_spec
+
+    spec = get_model_spec(args.model)
+    if spec.dataset != "mnist":
+        raise ToolchainError(f"{args.model} trains on {spec.dataset}; see docs/scaling.md for distributed training")
+    cfg_path = Path(args.config or spec.folder / "train.toml")
+    try:
+        table = tomllib.loads(cfg_path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ToolchainError(f"cannot read training config {cfg_path}: {e}") from None
+    if args.epochs is not None:
+        table["epochs"] = args.epochs
+    if args.seed is not None:
+        table["seed"] = args.seed
+    cfg = build_dataclass(TrainConfig, table, str(cfg_path))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output or spec.onnx_path)
+    data = load_mnist(args.data)
+    torch.manual_seed(cfg.seed)
+    model = create_model(args.model)
+    train(model, data.train_x, data.train_y, cfg, checkpoint=args.checkpoint or f"{out}.ckpt", resume=args.resume,
+          desc=f"train {args.model}", progress=not args.no_progress)
+    err = evaluate(model, data.test_x, data.test_y)
+    torch_to_onnx(model.eval(), torch.zeros(1, *spec.input_shape), out)
+    print(f"{args.model}: test error {100 * err:.2f}% -> wrote {out}")
+    return 0

@@ -1,0 +1,278 @@
+"""SGD training and retraining loop shared by every pass (Caffe-like solver settings).
+
+One loop serves dense training and compressed retraining: passes hook in through
+`regularizer(model) -> loss term` and `after_step(model)` (e.g. re-applying pruning masks).
+Checkpoints are written atomically after each epoch and hold model, optimiser, epoch and RNG
+state, so a resumed run ends with the same weights as an uninterrupted one.
+
+Training data is either arrays (x, y) or a data source (an object with `__len__` and
+`load(batches, seed, epoch)`, e.g. toolchain.data.imagenet.ImageFolderSource) passed as x with y=None.
+Under torchrun (after toolchain.distributed.init_from_env()) the same loop runs data-parallel:
+`batch_size` is the global batch, each rank loads its contiguous share of every global batch of the
+seeded per-epoch permutation, DistributedDataParallel averages the gradients (the loss is scaled so
+the update equals the single-process one), only rank 0 writes checkpoints and shows progress, and
+the step counter is in global batches, so a checkpoint resumes on any number of processes.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import distributed as dist_
+from .errors import DataError, ToolchainError
+from .fileio import atomic_path
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 10  # may be fractional (e.g. 0.5 epoch of retraining)
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # L2, applied by the optimiser
+    l1: float = 0.0  # L1 penalty coefficient, added to the loss
+    lr_policy: str = "cosine"  # "cosine", "step" (x0.1 at 50%, 75%), "fixed", "inv" (Caffe's)
+    augment_shift: int = 0  # random translation of up to this many pixels
+    seed: int = 0
+    distill_temperature: float = 0.0  # >0: train on a teacher's soft targets too
+    distill_weight: float = 0.0  # weight of the soft-target loss (1 - weight on the hard labels)
+
+    def __post_init__(self):
+        if self.lr_policy not in ("cosine", "step", "fixed", "inv"):
+            raise ValueError(f"unknown lr_policy {self.lr_policy!r}")
+
+
+@dataclass
+class TrainHooks:
+    regularizer: Callable[[nn.Module], torch.Tensor] | None = None
+    after_step: Callable[[nn.Module], None] | None = None
+    teacher: nn.Module | None = None
+    extra_state: dict = field(default_factory=dict)
+
+
+def lr_at(cfg: TrainConfig, progress: float, it: int) -> float:
+    if cfg.lr_policy == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.lr_policy == "step":
+        return cfg.lr * (0.1 ** (int(progress >= 0.5) + int(progress >= 0.75)))
+    if cfg.lr_policy == "inv":  # Caffe: base_lr * (1 + gamma * iter) ^ (-power)
+        return cfg.lr * (1 + 1e-4 * it) ** -0.75
+    return cfg.lr
+
+
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator, n_total: int | None = None,
+                 offset: int = 0) -> torch.Tensor:
+    """Translate each image by up to max_shift pixels (zero fill).
+
+    Shifts are drawn for a batch of `n_total` images (default len(x)) of which x holds those from
+    `offset` on, so each rank's share of a global batch gets the shifts a single process would draw.
+    """
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    n_total = n if n_total is None else n_total
+    pad = F.pad(x, (max_shift,) * 4)
+    dx = torch.randint(0, 2 * max_shift + 1, (n_total,), generator=gen)[offset : offset + n]
+    dy = torch.randint(0, 2 * max_shift + 1, (n_total,), generator=gen)[offset : offset + n]
+    rows = (dy[:, None] + torch.arange(h)[None, :])  # [n, h]
+    cols = (dx[:, None] + torch.arange(w)[None, :])  # [n, w]
+    idx_n = torch.arange(n)[:, None, None]
+    return pad[idx_n, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+class ArraySource:
+    """Training or test data held in memory: x [N, ...] float32, y [N] int64 (MNIST)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        if len(x) != len(y):
+            raise DataError(f"{len(x)} samples but {len(y)} labels")
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def load(self, batches, seed: int = 0, epoch: int = 0):
+        """Yield (x, y) tensors for each array of sample indices in `batches`."""
+        for idx in batches:
+            yield torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
+
+
+def as_source(x, y=None):
+    """Arrays (x, y) as an ArraySource; a data source (with `load` and `__len__`) passed as x as is."""
+    if y is None:
+        if hasattr(x, "load") and hasattr(x, "__len__"):
+            return x
+        raise TypeError("pass arrays x and y, or a data source (with load() and __len__) as x and y=None")
+    return ArraySource(x, y)
+
+
+def _param_device(module: nn.Module) -> torch.device:
+    return next(module.parameters(), torch.empty(0)).device
+
+
+def _run_device(model: nn.Module) -> torch.device:
+    """Where to compute: this rank's device under torchrun, else wherever the model already is."""
+    return dist_.device() if dist_.is_distributed() else _param_device(model)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x, y: np.ndarray | None = None, batch_size: int = 1000, progress: bool = False) -> float:
+    """Top-1 error (fraction) of a PyTorch model on arrays (x, y) or a data source (x, y=None).
+
+    Distributed: each rank scores its contiguous share of the samples and the counts are summed.
+    """
+    source = as_source(x, y)
+    n = len(source)
+    if n == 0:
+        raise DataError("no samples to evaluate on")
+    lo, hi = dist_.shard_bounds(n)
+    batches = [np.arange(i, min(i + batch_size, hi)) for i in range(lo, hi, batch_size)]
+    was_training, home, dev = model.training, _param_device(model), _run_device(model)
+    model.eval().to(dev)
+    wrong = 0
+    try:
+        for xb, yb in tqdm(source.load(batches), total=len(batches), desc="eval", leave=False,
+                           disable=not (progress and dist_.is_main())):
+            out = model(xb.to(dev))
+            wrong += int((out.argmax(1).cpu() != yb).sum())
+    finally:
+        model.train(was_training).to(home)
+    return dist_.all_reduce_sum(wrong) / n
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.default_rng([seed, rank, step]).integers(2**31))
+
+
+def _batch_loss(net, xb, yb, n_global: int, world: int, cfg: TrainConfig, hooks: TrainHooks) -> torch.Tensor:
+    """This rank's share of the loss of one global batch of `n_global` samples.
+
+    Per-sample losses are summed and divided by the global batch, times `world` because DDP
+    averages gradients over ranks: the update is the one a single process would make on the whole
+    batch, however unevenly the batch is split.
+    """
+    out = net(xb)
+    loss = F.cross_entropy(out, yb, reduction="sum")
+    if hooks.teacher is not None and cfg.distill_temperature > 0:
+        t = cfg.distill_temperature
+        with torch.no_grad():
+            soft = F.softmax(hooks.teacher(xb) / t, dim=1)
+        kd = F.kl_div(F.log_softmax(out / t, dim=1), soft, reduction="sum")
+        loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd * t**2
+    return loss / n_global * world
+
+
+def train(
+    model: nn.Module,
+    train_x,
+    train_y: np.ndarray | None,
+    cfg: TrainConfig,
+    hooks: TrainHooks | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    desc: str = "train",
+    progress: bool = True,
+) -> nn.Module:
+    """Train `model` in place with SGD; returns it. Resumes from `checkpoint` if asked and present.
+
+    `train_x, train_y` are arrays, or `train_x` is a data source and `train_y` None. The model is
+    trained on this rank's device (its GPU under torchrun with NCCL) and returned where it was.
+    """
+    hooks = hooks or TrainHooks()
+    source = as_source(train_x, train_y)
+    world, rank = dist_.world_size(), dist_.rank()
+    if cfg.batch_size < world:
+        raise ToolchainError(f"batch_size {cfg.batch_size} is smaller than the {world} processes it is split over")
+    home, dev = _param_device(model), _run_device(model)
+    model.to(dev)
+    teacher_home = None
+    if hooks.teacher is not None:
+        teacher_home = _param_device(hooks.teacher)
+        hooks.teacher.to(dev).eval()
+    torch.manual_seed(cfg.seed if rank == 0 else _rank_seed(cfg.seed, rank, 0))  # dropout differs per rank
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    n = len(source)
+    if n == 0:
+        raise DataError("no training samples")
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    step = 0
+    aug_gen = torch.Generator().manual_seed(cfg.seed)
+    if resume and checkpoint and Path(checkpoint).exists():
+        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]  # in global batches: independent of the number of processes
+        aug_gen.set_state(state["aug_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        if rank > 0:
+            torch.manual_seed(_rank_seed(cfg.seed, rank, step))
+        if dev.type == "cuda":
+            torch.cuda.manual_seed(_rank_seed(cfg.seed, rank, step))
+    net = dist_.wrap_ddp(model)  # the DDP wrapper (rank 0's weights broadcast) or the model itself
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc=desc, unit="it", disable=not (progress and dist_.is_main()),
+               dynamic_ncols=True)
+    while step < total_steps:
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = _epoch_order(n, cfg.seed, epoch)
+        end = min(steps_per_epoch, pos + total_steps - step)
+        global_batches = [order[b * cfg.batch_size : (b + 1) * cfg.batch_size] for b in range(pos, end)]
+        shares = [g[slice(*dist_.shard_bounds(len(g), world, rank))] for g in global_batches]
+        for g, (xb, yb) in zip(global_batches, source.load(shares, cfg.seed, epoch)):
+            if cfg.augment_shift:
+                lo, _ = dist_.shard_bounds(len(g), world, rank)
+                xb = random_shift(xb, cfg.augment_shift, aug_gen, n_total=len(g), offset=lo)
+            xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+            for grp in opt.param_groups:
+                grp["lr"] = lr_at(cfg, step / total_steps, step)
+            loss = _batch_loss(net, xb, yb, len(g), world, cfg, hooks)
+            if cfg.l1:
+                loss = loss + cfg.l1 * sum(p.abs().sum() for n_, p in model.named_parameters() if n_.endswith("weight"))
+            if hooks.regularizer is not None:
+                loss = loss + hooks.regularizer(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if hooks.after_step is not None:
+                hooks.after_step(model)
+            step += 1
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+        dist_.broadcast_module_buffers(model)  # e.g. running statistics: rank 0's are the ones kept
+        if checkpoint and dist_.is_main():
+            save_checkpoint(checkpoint, model, opt, step, aug_gen, cfg)
+    bar.close()
+    model.to(home)
+    if hooks.teacher is not None:
+        hooks.teacher.to(teacher_home)
+    return model
+
+
+def save_checkpoint(path, model, opt, step, aug_gen, cfg) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "aug_gen": aug_gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "config": asdict(cfg),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
