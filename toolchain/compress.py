@@ -1,0 +1,102 @@
+"""The compression driver: import -> passes (with retraining) -> export -> measure.
+
+State after every round (the network, each pass's state, the position) is checkpointed
+atomically, so `resume=True` continues from the last finished round. Each round's retraining is
+seeded from (recipe seed, stage, round), so a resumed run ends exactly where an uninterrupted one does.
+
+Under torchrun (toolchain.distributed.init_from_env()) every process runs the driver: passes are
+applied identically on every rank, then rank 0's weights and masks are broadcast; retraining is
+data-parallel; only rank 0 writes the checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed as dist_
+from .errors import DataError
+from .fileio import atomic_path
+from .recipe import Recipe
+from .train import TrainConfig, evaluate, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressResult:
+    net: torch.nn.Module
+    error_before: float
+    error_after: float
+    lines: list[str]
+
+
+def round_seed(seed: int, stage: int, rnd: int) -> int:
+    return int(np.random.default_rng([seed, stage, rnd]).integers(2**31))
+
+
+def load_training_data(recipe: Recipe, data_dir=None, input_shape=None, num_workers: int | None = None):
+    """(train_x, train_y, test_x, test_y): arrays for MNIST; for ImageNet, data sources with y = None.
+
+    ImageNet reads DIR/train and DIR/val (a folder per class, or train.txt / val.txt file lists);
+    `input_shape` (e.g. [N, 3, 227, 227]) gives the crop size.
+    """
+    if recipe.dataset == "mnist":
+        from .data import load_mnist
+
+        d = load_mnist(data_dir)
+        return d.train_x, d.train_y, d.test_x, d.test_y
+    from .data.imagenet import crop_size, open_imagenet
+
+    if data_dir is None:
+        raise DataError("ImageNet retraining needs --data DIR holding train/ and val/ (a folder per class; "
+                        "see docs/scaling.md)")
+    crop = crop_size(input_shape) if input_shape is not None else 227
+    train_src = open_imagenet(data_dir, crop, train=True, split="train", require_split=True, num_workers=num_workers)
+    val_src = open_imagenet(data_dir, crop, train=False, split="val", require_split=True, num_workers=num_workers)
+    return train_src, None, val_src, None
+
+
+def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = None, resume: bool = False,
+                     progress: bool = True, teacher=None) -> CompressResult:
+    """Run every stage of `recipe` on the imported network `net` (modified in place)."""
+    train_x, train_y, test_x, test_y = data
+    # Resolve every stage's layers up front, so a bad layer name fails before any training.
+    passes = [stage.make_pass(net) for stage in recipe.stages]
+    done = (-1, -1)  # last finished (stage, round); round == rounds means finish() ran
+    if resume and checkpoint and Path(checkpoint).exists():
+        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
+        net, passes, done = state["net"], state["passes"], tuple(state["done"])
+        error_before = state["error_before"]
+        log.info("resuming after stage %d round %d", done[0] + 1, done[1] + 1)
+    else:
+        error_before = evaluate(net, test_x, test_y)
+    for si, (stage, p) in enumerate(zip(recipe.stages, passes)):
+        for r in range(p.rounds + 1):  # the extra step is finish()
+            if (si, r) <= done:
+                continue
+            if r < p.rounds:
+                torch.manual_seed(round_seed(recipe.seed, si, r))
+                p.apply(net, r)
+                dist_.sync_module_state(net, f"network after {p.name} stage {si + 1} round {r + 1}")
+                cfg = dataclasses.replace(stage.retrain, seed=round_seed(recipe.seed, si, r))
+                if cfg.epochs > 0:
+                    hooks = p.hooks(net)
+                    if teacher is not None and hooks.teacher is None and cfg.distill_temperature > 0:
+                        hooks.teacher = teacher
+                    train(net, train_x, train_y, cfg, hooks,
+                          desc=f"{p.name} stage {si + 1} round {r + 1}/{p.rounds}", progress=progress)
+            else:
+                p.finish(net)
+            dist_.sync_module_state(net, f"network after {p.name} stage {si + 1} "
+                                         f"{'finish' if r == p.rounds else f'round {r + 1}'}")
+            if checkpoint and dist_.is_main():
+                with atomic_path(checkpoint) as tmp:
+                    torch.save({"net": net, "passes": passes, "done": (si, r), "error_before": error_before}, tmp)
+    error_after = evaluate(net, test_x, test_y)
+    lines = [line for p in passes for line in p.summary(net)]
+    return CompressResult(net, error_before, error_after, lines)
