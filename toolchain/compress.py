@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class CompressResult:
     net: torch.nn.Module
-    error_before: float
-    error_after: float
+    error_before: float | None  # None when run without data (--no-retrain)
+    error_after: float | None
     lines: list[str]
 
 
@@ -64,7 +64,7 @@ def load_training_data(recipe: Recipe, data_dir=None, input_shape=None, num_work
 def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = None, resume: bool = False,
                      progress: bool = True, teacher=None) -> CompressResult:
     """Run every stage of `recipe` on the imported network `net` (modified in place)."""
-    train_x, train_y, test_x, test_y = data
+    train_x, train_y, test_x, test_y = data if data is not None else (None,) * 4
     # Resolve every stage's layers up front, so a bad layer name fails before any training.
     passes = [stage.make_pass(net) for stage in recipe.stages]
     done = (-1, -1)  # last finished (stage, round); round == rounds means finish() ran
@@ -74,7 +74,7 @@ def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = 
         error_before = state["error_before"]
         log.info("resuming after stage %d round %d", done[0] + 1, done[1] + 1)
     else:
-        error_before = evaluate(net, test_x, test_y)
+        error_before = evaluate(net, test_x, test_y) if test_x is not None else None
     for si, (stage, p) in enumerate(zip(recipe.stages, passes)):
         for r in range(p.rounds + 1):  # the extra step is finish()
             if (si, r) <= done:
@@ -83,8 +83,8 @@ def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = 
                 torch.manual_seed(round_seed(recipe.seed, si, r))
                 p.apply(net, r)
                 dist_.sync_module_state(net, f"network after {p.name} stage {si + 1} round {r + 1}")
-                cfg = dataclasses.replace(stage.retrain, seed=round_seed(recipe.seed, si, r))
-                if cfg.epochs > 0:
+                cfg = dataclasses.replace(stage.retrain_for(r, p.rounds), seed=round_seed(recipe.seed, si, r))
+                if cfg.epochs > 0 and train_x is not None:
                     hooks = p.hooks(net)
                     if teacher is not None and hooks.teacher is None and cfg.distill_temperature > 0:
                         hooks.teacher = teacher
@@ -97,6 +97,6 @@ def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = 
             if checkpoint and dist_.is_main():
                 with atomic_path(checkpoint) as tmp:
                     torch.save({"net": net, "passes": passes, "done": (si, r), "error_before": error_before}, tmp)
-    error_after = evaluate(net, test_x, test_y)
+    error_after = evaluate(net, test_x, test_y) if test_x is not None else None
     lines = [line for p in passes for line in p.summary(net)]
     return CompressResult(net, error_before, error_after, lines)

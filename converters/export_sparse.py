@@ -1,0 +1,120 @@
+"""Export of pruned layers (toolchain.layers.masked): compact sparse storage.
+
+portable form (stock onnxruntime): the non-zeros and their gap-encoded positions
+(converters.sparse_format) are initializers; a small subgraph (Cast, CumSum, ScatterND, Reshape)
+rebuilds the dense weight, which onnxruntime constant-folds once at session start, so the file is
+small and inference runs the usual dense kernels.
+
+fast form (ExportContext option form="fast"): layers whose density is below the measured break-even
+run as the toolchain's custom ops (SparseLinear / SparseConv over CSR, toolchain/kernels); the others
+fall back to the portable form.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from toolchain.layers.masked import MaskedConv2d, MaskedLinear
+
+from .ops.registry import register_emitter
+from .sparse_format import encode
+
+# Densities below which the custom ops beat onnxruntime's dense kernels (docs/kernels.md).
+FAST_MAX_DENSITY = {"linear": 0.35, "conv": 0.5}
+
+
+def _form(ctx) -> str:
+    return ctx.options.get("form", "portable")
+
+
+def sparse_weight_value(ctx, name: str, w: np.ndarray) -> str:
+    """A graph value equal to the dense `w`, stored as compactly as the portable form allows."""
+    enc = encode(w)
+    if enc.nbytes >= w.astype(np.float32).nbytes:
+        return ctx.add_initializer(f"{name}.weight", w.astype(np.float32))
+    values = ctx.add_initializer(f"{name}.nz_values", enc.values)
+    index = ctx.add_initializer(f"{name}.nz_{enc.kind}", enc.index)
+    pos = ctx.fresh(f"{name}.nz_pos")
+    ctx.add_node("Cast", [index], [pos if enc.kind == "positions" else ctx.fresh(f"{name}.nz_gaps64")],
+                 name=f"{name}_cast", to=7)
+    if enc.kind == "gaps":
+        gaps64 = ctx.nodes[-1].output[0]
+        csum = ctx.fresh(f"{name}.nz_csum")
+        ctx.add_node("CumSum", [gaps64, ctx.add_initializer(f"{name}.axis0", np.array(0, np.int64))], [csum],
+                     name=f"{name}_cumsum")
+        ctx.add_node("Sub", [csum, ctx.add_initializer(f"{name}.one", np.array(1, np.int64))], [pos],
+                     name=f"{name}_pos")
+    idx = ctx.fresh(f"{name}.nz_idx")
+    ctx.add_node("Unsqueeze", [pos, ctx.add_initializer(f"{name}.axes", np.array([1], np.int64))], [idx],
+                 name=f"{name}_unsqueeze")
+    zeros = ctx.fresh(f"{name}.zeros")
+    ctx.add_node("ConstantOfShape", [ctx.add_initializer(f"{name}.numel", np.array([w.size], np.int64))], [zeros],
+                 name=f"{name}_zeros", value=ctx.tensor(np.zeros(1, np.float32)))
+    flat = ctx.fresh(f"{name}.flat_weight")
+    ctx.add_node("ScatterND", [zeros, idx, values], [flat], name=f"{name}_scatter")
+    out = ctx.fresh(f"{name}.weight")
+    ctx.add_node("Reshape", [flat, ctx.add_initializer(f"{name}.shape", np.array(w.shape, np.int64))], [out],
+                 name=f"{name}_reshape")
+    return out
+
+
+def _csr_inputs(ctx, name: str, w2d: np.ndarray, bias) -> list[str]:
+    from toolchain.kernels import DOMAIN, OPSET_VERSION
+    from toolchain.kernels.csr import dense_to_csr
+
+    ctx.require_opset(DOMAIN, OPSET_VERSION)
+    values, col_idx, row_ptr = dense_to_csr(w2d)
+    names = [ctx.add_initializer(f"{name}.values", values), ctx.add_initializer(f"{name}.col_idx", col_idx),
+             ctx.add_initializer(f"{name}.row_ptr", row_ptr)]
+    if bias is not None:
+        names.append(ctx.add_initializer(f"{name}.bias", bias))
+    return names
+
+
+def _arrays(m):
+    w = m.masked_weight.detach().cpu().numpy().astype(np.float32)
+    b = m.bias.detach().cpu().numpy().astype(np.float32) if m.bias is not None else None
+    return w, b
+
+
+@register_emitter(MaskedLinear)
+def emit_masked_linear(ctx, name, m, inputs, outputs):
+    from toolchain.kernels import DOMAIN
+
+    w, b = _arrays(m)
+    density = np.count_nonzero(w) / max(w.size, 1)
+    if _form(ctx) == "fast" and ctx.rank(inputs[0]) == 2 and density <= FAST_MAX_DENSITY["linear"]:
+        ctx.add_node("SparseLinear", [inputs[0], *_csr_inputs(ctx, name, w, b)], outputs, name=name,
+                     domain=DOMAIN, in_features=int(w.shape[1]))
+        return
+    if ctx.rank(inputs[0]) == 2:
+        args = [inputs[0], sparse_weight_value(ctx, name, w)]
+        if b is not None:
+            args.append(ctx.add_initializer(f"{name}.bias", b))
+        ctx.add_node("Gemm", args, outputs, name=name, transB=1)
+        return
+    wt = ctx.fresh(f"{name}.weight.T")
+    ctx.add_node("Transpose", [sparse_weight_value(ctx, name, w)], [wt], name=f"{name}_transpose", perm=[1, 0])
+    mm = outputs[0] if b is None else ctx.fresh(f"{name}_matmul")
+    ctx.add_node("MatMul", [inputs[0], wt], [mm], name=name)
+    if b is not None:
+        ctx.add_node("Add", [mm, ctx.add_initializer(f"{name}.bias", b)], outputs, name=f"{name}_bias")
+
+
+@register_emitter(MaskedConv2d)
+def emit_masked_conv(ctx, name, m, inputs, outputs):
+    from toolchain.kernels import DOMAIN
+
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        raise ctx.error(f"conv {name!r}: only explicit zero padding is exportable in sparse form")
+    w, b = _arrays(m)
+    attrs = {"kernel_shape": list(m.kernel_size), "strides": list(m.stride), "dilations": list(m.dilation),
+             "group": m.groups, "pads": list(m.padding) * 2}
+    density = np.count_nonzero(w) / max(w.size, 1)
+    if _form(ctx) == "fast" and density <= FAST_MAX_DENSITY["conv"]:
+        ctx.add_node("SparseConv", [inputs[0], *_csr_inputs(ctx, name, w.reshape(w.shape[0], -1), b)], outputs,
+                     name=name, domain=DOMAIN, in_channels=int(m.in_channels), **attrs)
+        return
+    args = [inputs[0], sparse_weight_value(ctx, name, w)]
+    if b is not None:
+        args.append(ctx.add_initializer(f"{name}.bias", b))
+    ctx.add_node("Conv", args, outputs, name=name, **attrs)

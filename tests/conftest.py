@@ -1,0 +1,43 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from toolchain.zoo import MODELS_DIR
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from toolchain.data import load_mnist
+
+    return load_mnist()
+
+
+@pytest.fixture(scope="session")
+def mnist_small(mnist):
+    """2,000 training and 1,000 test images: enough to see retraining work, fast on 2 cores."""
+    return (mnist.train_x[:2000], mnist.train_y[:2000], mnist.test_x[:1000], mnist.test_y[:1000])
+
+
+@pytest.fixture(scope="session")
+def lenet300_path():
+    return MODELS_DIR / "lenet-300-100" / "lenet-300-100.onnx"
+
+
+@pytest.fixture(scope="session")
+def lenet5_path():
+    return MODELS_DIR / "lenet-5" / "lenet-5.onnx"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Keep the MNIST cache shared across tests but never write into the user's home during CI.
+    if os.environ.get("CI"):
+        monkeypatch.setenv("TOOLCHAIN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def rand_images(n, shape=(1, 28, 28), seed=0):
+    return np.random.default_rng(seed).random((n, *shape), dtype=np.float32)

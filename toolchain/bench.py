@@ -1,0 +1,127 @@
+"""Latency measurement in onnxruntime: medians over many runs, per-layer times from ORT's profiler,
+and the memory-bandwidth floor of a model's weights (bytes that must be read / measured bandwidth)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .runtime import load_onnx, make_session
+
+
+@dataclass
+class Timing:
+    model: str
+    batch: int
+    threads: int
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    runs: int
+    per_node_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _feed(sess, batch: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    inp = sess.get_inputs()[0]
+    shape = [batch if (not isinstance(d, int) or d <= 0 or i == 0) else d for i, d in enumerate(inp.shape)]
+    return {inp.name: rng.random(shape, dtype=np.float32)}
+
+
+def time_model(model: onnx.ModelProto, label: str, batch: int, threads: int, min_runs: int = 20,
+               min_seconds: float = 1.0, warmup: int = 5) -> Timing:
+    sess = make_session(model, threads=threads)
+    feed = _feed(sess, batch)
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    t_end = time.perf_counter() + min_seconds
+    while len(times) < min_runs or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 10000:
+            break
+    q25, med, q75 = np.percentile(times, [25, 50, 75])
+    return Timing(label, batch, threads, float(med), float(q25), float(q75), len(times))
+
+
+def per_node_times(model: onnx.ModelProto, batch: int, threads: int, runs: int = 20) -> dict[str, float]:
+    """Median kernel time per node (ms) from onnxruntime's profiler."""
+    import onnxruntime as ort
+
+    from .runtime import session_options, uses_custom_ops
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(threads, custom_ops=uses_custom_ops(model))
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "prof")
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        feed = _feed(sess, batch)
+        for _ in range(3 + runs):
+            sess.run(None, feed)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    per: dict[str, list[float]] = {}
+    for ev in events:
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+            per.setdefault(ev["name"][: -len("_kernel_time")], []).append(ev["dur"] / 1e3)
+    return {k: float(np.median(v[3:] if len(v) > 3 else v)) for k, v in per.items()}
+
+
+_BANDWIDTH: float | None = None
+
+
+def memory_bandwidth(size_mb: int = 256, repeats: int = 5) -> float:
+    """Measured read bandwidth in bytes/s (median of numpy sums over an array far larger than cache)."""
+    global _BANDWIDTH
+    if _BANDWIDTH is None:
+        a = np.ones(size_mb * 2**20 // 8, dtype=np.float64)
+        a.sum()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a.sum()
+            ts.append(time.perf_counter() - t0)
+        _BANDWIDTH = a.nbytes / float(np.median(ts))
+    return _BANDWIDTH
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the tensors a forward pass must read: initializers that feed a layer at run time
+    (for the portable forms onnxruntime expands them once at load, so the dense size counts)."""
+    from .measure import measure
+
+    stats, _ = measure(model)
+    total = 0
+    for s in stats:
+        # custom sparse ops read their stored arrays; everything else reads the dense weight
+        total += s.stored_bytes if s.op.startswith("ai.toolchain") else 4 * s.params
+    return total
+
+
+def format_timings(rows: list[tuple[Timing, Timing | None]], floor_ms: dict[int, float] | None = None) -> str:
+    head = "| model | batch | threads | median ms | IQR ms | runs |"
+    sep = "|---|---:|---:|---:|---:|---:|"
+    with_base = any(b is not None for _, b in rows)
+    if with_base:
+        head += " dense median ms | speed-up |"
+        sep += "---:|---:|"
+    if floor_ms:
+        head += " bandwidth floor ms | x floor |"
+        sep += "---:|---:|"
+    lines = [head, sep]
+    for t, b in rows:
+        line = f"| {t.model} | {t.batch} | {t.threads} | {t.median_ms:.3f} | {t.p25_ms:.3f}-{t.p75_ms:.3f} | {t.runs} |"
+        if with_base:
+            line += f" {b.median_ms:.3f} | {b.median_ms / t.median_ms:.2f}x |" if b else " | |"
+        if floor_ms:
+            f = floor_ms.get(t.batch)
+            line += f" {f:.3f} | {t.median_ms / f:.2f} |" if f else " | |"
+        lines.append(line)
+    return "\n".join(lines)

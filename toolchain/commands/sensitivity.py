@@ -1,0 +1,44 @@
+"""toolchain sensitivity MODEL.onnx — prune each layer alone at a sweep of densities, no retraining."""
+from pathlib import Path
+
+NAME = "sensitivity"
+HELP = "per-layer pruning sensitivity: error vs density for each layer alone (table + PNG)"
+
+
+def add_arguments(p):
+    p.add_argument("model", help="dense ONNX model")
+    p.add_argument("--densities", default=None,
+                   help="comma-separated densities in (0, 1] (default: 1,.5,.3,.2,.1,.05,.03,.02,.01)")
+    p.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
+    p.add_argument("-o", "--output", default="sensitivity.png", help="PNG plot to write (table goes to stdout)")
+    p.add_argument("--data", metavar="DIR", default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    from converters import import_onnx
+
+    from ..data import load_mnist
+    from ..errors import ToolchainError
+    from ..plots import sensitivity_plot
+    from ..sensitivity import DEFAULT_DENSITIES, format_sensitivity, sensitivity
+
+    densities = DEFAULT_DENSITIES
+    if args.densities:
+        try:
+            densities = tuple(float(x) for x in args.densities.split(","))
+        except ValueError:
+            raise ToolchainError(f"--densities must be comma-separated numbers, not {args.densities!r}") from None
+        bad = [d for d in densities if not 0 < d <= 1]
+        if bad:
+            raise ToolchainError(f"density {bad[0]} is outside (0, 1]")
+    net = import_onnx(args.model)
+    layers = args.layers.split(",") if args.layers else None
+    for name in layers or []:
+        if name not in net.layers():
+            raise ToolchainError(f"layer {name!r} is not in the model (layers: {', '.join(net.layers())})")
+    d = load_mnist(args.data)
+    results, base = sensitivity(net, d.test_x, d.test_y, densities, layers, progress=not args.no_progress)
+    print(format_sensitivity(results, base))
+    print(f"wrote {sensitivity_plot(results, Path(args.output), base)}")
+    return 0

@@ -1,0 +1,167 @@
+"""Compression recipes (TOML): which passes, per-layer settings, rounds, retraining, seed.
+
+    seed = 0
+    dataset = "mnist"
+
+    [[stage]]
+    pass = "prune"            # a registered pass (toolchain.passes)
+    only = "fc"               # optional: "all" (default), "conv" or "fc"
+    rounds = 3                # pass options (the pass's Options dataclass)
+    [stage.layers.default]    # per-layer options for every layer (the pass's LayerOptions)
+    quality = 1.0
+    [stage.layers.ip1]        # ... overridden for one layer
+    quality = 1.5
+    [stage.retrain]           # retraining after each round (toolchain.train.TrainConfig)
+    epochs = 2
+    lr = 0.001
+    [stage.retrain_final]     # optional: overrides for the last round's retraining
+    epochs = 10
+
+Everything is validated on load (and layer names against the model before training):
+unknown keys, passes, layers, and out-of-range values are RecipeErrors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.nn as nn
+
+from .errors import RecipeError
+from .passes import CompressionPass, get_pass
+from .train import TrainConfig
+
+TOP_KEYS = {"seed", "dataset", "stage", "description"}
+STAGE_KEYS = {"pass", "only", "layers", "retrain", "retrain_final"}
+
+
+@dataclass
+class Stage:
+    index: int
+    pass_cls: type[CompressionPass]
+    options: object
+    layer_tables: dict[str, dict]  # raw per-layer tables, "default" included
+    retrain: TrainConfig
+    only: str = "all"
+    retrain_final: TrainConfig | None = None  # the last round's retraining, if it differs
+
+    def retrain_for(self, round_index: int, rounds: int) -> TrainConfig:
+        return self.retrain_final if (self.retrain_final and round_index == rounds - 1) else self.retrain
+
+    def make_pass(self, net: nn.Module) -> CompressionPass:
+        return self.pass_cls(self.options, resolve_layers(self, net))
+
+
+@dataclass
+class Recipe:
+    path: str
+    seed: int = 0
+    dataset: str = "mnist"
+    stages: list[Stage] = field(default_factory=list)
+    description: str = ""
+
+
+def build_dataclass(cls, table: dict, where: str):
+    """Instantiate dataclass `cls` from a recipe table; unknown keys and bad values are RecipeErrors."""
+    if not isinstance(table, dict):
+        raise RecipeError(f"{where}: expected a table, got {type(table).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in table:
+        if k not in names:
+            allowed = ", ".join(sorted(names)) or "none"
+            raise RecipeError(f"{where}: unknown key {k!r} (allowed: {allowed})")
+    try:
+        return cls(**table)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+
+def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    for k in data:
+        if k not in TOP_KEYS:
+            raise RecipeError(f"{path}: unknown key {k!r} (allowed: {', '.join(sorted(TOP_KEYS))})")
+    stages_raw = data.get("stage", [])
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise RecipeError(f"{path}: a recipe needs at least one [[stage]]")
+    recipe = Recipe(path=path, seed=int(data.get("seed", 0)), dataset=str(data.get("dataset", "mnist")),
+                    description=str(data.get("description", "")))
+    if recipe.dataset not in ("mnist", "imagenet"):
+        raise RecipeError(f"{path}: unknown dataset {recipe.dataset!r} (mnist, imagenet)")
+    for i, st in enumerate(stages_raw):
+        where = f"{path}: stage {i + 1}"
+        if "pass" not in st:
+            raise RecipeError(f"{where}: missing key 'pass'")
+        pass_cls = get_pass(st["pass"])
+        where = f"{where} ({st['pass']})"
+        opt_table = {k: v for k, v in st.items() if k not in STAGE_KEYS}
+        options = build_dataclass(pass_cls.Options, opt_table, where)
+        layers = st.get("layers", {})
+        if not isinstance(layers, dict):
+            raise RecipeError(f"{where}: 'layers' must be a table of layer tables")
+        for lname, lt in layers.items():
+            build_dataclass(pass_cls.LayerOptions, lt, f"{where}: layer {lname!r}")  # validate now
+        retrain_table = dict(st.get("retrain", {}))
+        retrain_table.setdefault("seed", recipe.seed)
+        retrain = build_dataclass(TrainConfig, retrain_table, f"{where}: retrain")
+        final = None
+        if "retrain_final" in st:
+            final = build_dataclass(TrainConfig, {**retrain_table, **st["retrain_final"]}, f"{where}: retrain_final")
+        only = st.get("only", "all")
+        if only not in ("all", "conv", "fc"):
+            raise RecipeError(f"{where}: only must be 'all', 'conv' or 'fc', not {only!r}")
+        recipe.stages.append(Stage(i, pass_cls, options, layers, retrain, only, final))
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {p}: {e.strerror}") from None
+    return parse_recipe(text, str(p))
+
+
+def _kind(module: nn.Module) -> str:
+    return "conv" if isinstance(module, nn.Conv2d) else "fc"
+
+
+def merge_layer_tables(cls, default: dict, specific: dict) -> dict:
+    """The default table overridden by a layer's own. Options in one of the LayerOptions' EXCLUSIVE
+    groups (e.g. prune's quality / density) replace the whole group: a layer's `density` drops the
+    default's `quality`."""
+    merged = dict(default)
+    for group in getattr(cls, "EXCLUSIVE", ()):
+        if any(k in specific for k in group):
+            for k in group:
+                merged.pop(k, None)
+    merged.update(specific)
+    return merged
+
+
+def resolve_layers(stage: Stage, net: nn.Module) -> dict[str, object]:
+    """Per-layer options for the layers this stage compresses (names checked against the model)."""
+    layers = net.layers()
+    where = f"{stage.pass_cls.name} stage {stage.index + 1}"
+    for lname in stage.layer_tables:
+        if lname != "default" and lname not in layers:
+            raise RecipeError(f"{where}: layer {lname!r} is not in the model (layers: {', '.join(layers)})")
+    default = stage.layer_tables.get("default")
+    out = {}
+    for lname, module in layers.items():
+        if stage.only != "all" and _kind(module) != stage.only:
+            continue
+        if not isinstance(module, stage.pass_cls.layer_types):
+            if lname in stage.layer_tables:
+                raise RecipeError(f"{where}: layer {lname!r} is a {type(module).__name__}, which this pass cannot compress")
+            continue
+        if lname in stage.layer_tables or default is not None:
+            table = merge_layer_tables(stage.pass_cls.LayerOptions, default or {}, stage.layer_tables.get(lname, {}))
+            out[lname] = build_dataclass(stage.pass_cls.LayerOptions, table, f"{where}: layer {lname!r}")
+    return out
