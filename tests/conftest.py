@@ -1,5 +1,3 @@
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -30,13 +28,6 @@ def lenet300_path():
 @pytest.fixture(scope="session")
 def lenet5_path():
     return MODELS_DIR / "lenet-5" / "lenet-5.onnx"
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    # Keep the MNIST cache shared across tests but never write into the user's home during CI.
-    if os.environ.get("CI"):
-        monkeypatch.setenv("TOOLCHAIN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def rand_images(n, shape=(1, 28, 28), seed=0):

@@ -1,0 +1,71 @@
+// Sparse compute kernels shared by the onnxruntime ops (ops.cc) and the two ISA back ends
+// (kernels_portable.cc: plain C++; kernels_avx2.cc: AVX2+FMA intrinsics, compiled with -mavx2 -mfma).
+//
+// This header holds only plain structs and declarations: the AVX2 translation unit must not
+// instantiate inline library code that the linker could merge into the portable path.
+#pragma once
+
+#include <stdint.h>
+
+namespace tcops {
+
+// CSR matrix [rows, cols] split into column blocks of `block_cols` columns, each split again into
+// `nsub` sub-blocks of `sub_cols` columns. Segment (b, r, s) holds the non-zeros of row r in sub-block
+// s of block b: idx/val[seg_ptr[i] .. seg_ptr[i+1]) with i = b*rows*nsub + r*row_stride + s*sub_stride.
+// idx is relative to the block's first column (so it always fits 16 bits). Two storage orders:
+//   row-major  (row_stride = nsub, sub_stride = 1): a row's whole block is contiguous (batch-1 SpMV);
+//   sub-major  (row_stride = 1, sub_stride = rows): a sub-block is contiguous over rows (tile
+//              products walk one sub-block at a time, so the dense tile rows they touch stay in L1).
+struct BlockedCsr {
+  int64_t rows;
+  int64_t cols;
+  int64_t block_cols;
+  int64_t nblocks;
+  int64_t sub_cols;
+  int64_t nsub;
+  int64_t row_stride;
+  int64_t sub_stride;
+  const int32_t* seg_ptr;  // nblocks * rows * nsub + 1 absolute offsets
+  const uint16_t* idx;
+  const float* val;
+};
+
+// CSR whose column entries are precomputed element offsets (direct convolution).
+struct OffsetCsr {
+  int64_t rows;
+  const int32_t* row_ptr;  // rows + 1
+  const int32_t* off;
+  const float* val;
+};
+
+// Maximum lanes of one dense tile: 8 vectors of 8 floats.
+constexpr int kMaxTileVecs = 8;
+constexpr int kMaxTile = 8 * kMaxTileVecs;
+
+struct KernelTable {
+  const char* name;
+
+  // y[m] = bias[m] + sum_k W[m,k] x[k] for m in [m0, m1). bias may be null. w must be row-major.
+  void (*spmv)(const BlockedCsr& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y);
+
+  // Tile product: xt is a dense [w.cols, 8*nv] row-major tile (one row per column of W, one
+  // lane per batch item / output position; 64-byte aligned). For m in [m0, m1) writes lanes
+  // [0, n_valid) of out + (m - m0) * ldo with bias[m] + sum_k W[m,k] xt[k, lane].
+  // `scratch` ([m1-m0, 8*nv] floats, aligned) holds partial sums when there is more than one
+  // (block, sub-block) pass; it may be `out` itself when ldo == 8*nv and n_valid == 8*nv.
+  void (*spmm)(const BlockedCsr& w, int64_t m0, int64_t m1, const float* xt, int nv, const float* bias,
+               float* out, int64_t ldo, int n_valid, float* scratch);
+
+  // dst[c*ldd + r] = src[r*lds + c] for r < rows, c < cols.
+  void (*transpose)(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
+
+  // Direct form: out[(m-m0)*ldo + lane] = bias[m] + sum_j val[j] * base[off[j] + lane] for all
+  // 8*nv lanes.
+  void (*spmm_offsets)(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base, int nv,
+                       const float* bias, float* out, int64_t ldo);
+};
+
+const KernelTable* portable_kernels();
+const KernelTable* avx2_kernels();
+
+}  // namespace tcops

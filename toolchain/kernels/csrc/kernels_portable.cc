@@ -1,0 +1,137 @@
+// Portable kernels: plain C++ the compiler may auto-vectorise for the baseline ISA (SSE2 on x86-64).
+// Same loop structure and summation order per output as documented in kernels.h.
+#include <string.h>
+
+#include "kernels.h"
+
+namespace tcops {
+namespace {
+
+void spmv(const BlockedCsr& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y) {
+  const int64_t M = w.rows, S = w.nsub;
+  for (int64_t b = 0; b < w.nblocks; ++b) {
+    const int32_t* sp = w.seg_ptr + b * M * S;
+    const float* xb = x + b * w.block_cols;
+    for (int64_t m = m0; m < m1; ++m) {
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      int64_t j = sp[m * S];
+      const int64_t e = sp[(m + 1) * S];
+      for (; j + 4 <= e; j += 4) {
+        s0 += w.val[j] * xb[w.idx[j]];
+        s1 += w.val[j + 1] * xb[w.idx[j + 1]];
+        s2 += w.val[j + 2] * xb[w.idx[j + 2]];
+        s3 += w.val[j + 3] * xb[w.idx[j + 3]];
+      }
+      for (; j < e; ++j) s0 += w.val[j] * xb[w.idx[j]];
+      const float s = (s0 + s1) + (s2 + s3);
+      const float init = b == 0 ? (bias ? bias[m] : 0.f) : y[m];
+      y[m] = init + s;
+    }
+  }
+}
+
+// The tile is processed in strips of SW lanes so the accumulators stay in registers (an SSE2
+// target has 16 of 4 lanes); the segment's few non-zeros are re-read from L1 for each strip.
+template <int NV>
+void spmm_t(const BlockedCsr& w, int64_t m0, int64_t m1, const float* xt, const float* bias, float* out,
+            int64_t ldo, int n_valid, float* scratch) {
+  constexpr int NT = 8 * NV;
+  constexpr int SW = NT % 16 == 0 ? 16 : 8;
+  const int64_t M = w.rows, S = w.nsub, passes = w.nblocks * S;
+  for (int64_t p = 0; p < passes; ++p) {
+    const int64_t b = p / S;
+    const int32_t* sp = w.seg_ptr + b * M * S + (p % S) * w.sub_stride;
+    const int64_t rs = w.row_stride;
+    const float* xb = xt + b * w.block_cols * NT;
+    const bool first = p == 0, last = p == passes - 1;
+    for (int64_t m = m0; m < m1; ++m) {
+      float* part = scratch + (m - m0) * NT;
+      float* o = out + (m - m0) * ldo;
+      const int64_t j0 = sp[m * rs], j1 = sp[m * rs + 1];
+      for (int l0 = 0; l0 < NT; l0 += SW) {
+        float acc[SW];
+        if (first) {
+          const float init = bias ? bias[m] : 0.f;
+          for (int l = 0; l < SW; ++l) acc[l] = init;
+        } else {
+          for (int l = 0; l < SW; ++l) acc[l] = part[l0 + l];
+        }
+        for (int64_t j = j0; j < j1; ++j) {
+          const float v = w.val[j];
+          const float* xr = xb + static_cast<int64_t>(w.idx[j]) * NT + l0;
+          for (int l = 0; l < SW; ++l) acc[l] += v * xr[l];
+        }
+        if (!last) {
+          memcpy(part + l0, acc, sizeof(acc));
+        } else if (l0 < n_valid) {
+          const int n = n_valid - l0 < SW ? n_valid - l0 : SW;
+          memcpy(o + l0, acc, sizeof(float) * n);
+        }
+      }
+    }
+  }
+}
+
+void spmm(const BlockedCsr& w, int64_t m0, int64_t m1, const float* xt, int nv, const float* bias, float* out,
+          int64_t ldo, int n_valid, float* scratch) {
+  switch (nv) {
+    case 1: return spmm_t<1>(w, m0, m1, xt, bias, out, ldo, n_valid, scratch);
+    case 2: return spmm_t<2>(w, m0, m1, xt, bias, out, ldo, n_valid, scratch);
+    case 3: return spmm_t<3>(w, m0, m1, xt, bias, out, ldo, n_valid, scratch);
+    case 4: return spmm_t<4>(w, m0, m1, xt, bias, out, ldo, n_valid, scratch);
+    case 5: return spmm_t<5>(w, m0, m1, xt, bias, out, ldo, n_valid, scratch);
+    case 6: return spmm_t<6>(w, m0, m1, xt, bias, out, ldo, n_valid, scratch);
+    case 7: return spmm_t<7>(w, m0, m1, xt, bias, out, ldo, n_valid, scratch);
+    default: return spmm_t<8>(w, m0, m1, xt, bias, out, ldo, n_valid, scratch);
+  }
+}
+
+template <int NV>
+void spmm_offsets_t(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base, const float* bias, float* out,
+                    int64_t ldo) {
+  constexpr int NT = 8 * NV;
+  constexpr int SW = NT % 16 == 0 ? 16 : 8;
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int l0 = 0; l0 < NT; l0 += SW) {
+      float acc[SW];
+      const float init = bias ? bias[m] : 0.f;
+      for (int l = 0; l < SW; ++l) acc[l] = init;
+      for (int64_t j = w.row_ptr[m], e = w.row_ptr[m + 1]; j < e; ++j) {
+        const float v = w.val[j];
+        const float* xr = base + w.off[j] + l0;
+        for (int l = 0; l < SW; ++l) acc[l] += v * xr[l];
+      }
+      memcpy(out + (m - m0) * ldo + l0, acc, sizeof(acc));
+    }
+  }
+}
+
+void spmm_offsets(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base, int nv, const float* bias,
+                  float* out, int64_t ldo) {
+  switch (nv) {
+    case 1: return spmm_offsets_t<1>(w, m0, m1, base, bias, out, ldo);
+    case 2: return spmm_offsets_t<2>(w, m0, m1, base, bias, out, ldo);
+    case 3: return spmm_offsets_t<3>(w, m0, m1, base, bias, out, ldo);
+    case 4: return spmm_offsets_t<4>(w, m0, m1, base, bias, out, ldo);
+    case 5: return spmm_offsets_t<5>(w, m0, m1, base, bias, out, ldo);
+    case 6: return spmm_offsets_t<6>(w, m0, m1, base, bias, out, ldo);
+    case 7: return spmm_offsets_t<7>(w, m0, m1, base, bias, out, ldo);
+    default: return spmm_offsets_t<8>(w, m0, m1, base, bias, out, ldo);
+  }
+}
+
+void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 16) {  // 16 source columns at a time keep the writes in L1
+    const int64_t c1 = c0 + 16 < cols ? c0 + 16 : cols;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = c0; c < c1; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
+}
+
+const KernelTable kTable = {"portable", spmv, spmm, transpose, spmm_offsets};
+
+}  // namespace
+
+const KernelTable* portable_kernels() { return &kTable; }
+
+}  // namespace tcops

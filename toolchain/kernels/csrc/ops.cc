@@ -1,0 +1,970 @@
+// onnxruntime custom-op library: SparseLinear and SparseConv (domain "ai.toolchain", version 1).
+//
+// The sparse weights are CSR initializers read once at kernel creation, validated (a corrupt model
+// must fail with a message, never crash or compute garbage) and repacked into column-blocked CSR
+// with 16-bit block-relative indices (kernels.h). Compute runs on onnxruntime's intra-op thread
+// pool; every output element is produced by one task in a fixed summation order, so results do
+// not depend on the number of threads.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdarg>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kernels.h"
+#include "onnxruntime_c_api.h"
+
+namespace tcops {
+namespace {
+
+constexpr const char* kDomain = "ai.toolchain";
+// Tuning constants (measured on the 2-core Zen 4 target, see docs/kernels.md).
+constexpr int64_t kBlockCols = 2048;   // column block: the batch-1 x block (8 KiB) stays in L1
+constexpr double kSubBlockNnz = 20;    // target non-zeros per (row, sub-block) segment for tile products
+constexpr int64_t kMinSubCols = 64;
+constexpr int64_t kLinearRowChunk = 256;  // rows per SparseLinear tile task (partial sums: 64 KiB)
+constexpr int64_t kMaxAttr = 1 << 16;  // bound on conv kernel/stride/pad/dilation (no overflow below)
+constexpr double kDirectMaxReuse = 12.0;  // SparseConv: direct below this output-channel reuse
+
+const OrtApi* g_api = nullptr;
+
+// ---------------------------------------------------------------------------------------------
+// Errors: thrown inside the library, turned into an OrtStatus at the C boundary.
+
+struct OpError : std::runtime_error {
+  OrtErrorCode code;
+  OpError(OrtErrorCode c, const std::string& m) : std::runtime_error(m), code(c) {}
+};
+
+std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string format(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  char buf[1024];
+  vsnprintf(buf, sizeof(buf), fmt, ap);
+  va_end(ap);
+  return buf;
+}
+
+void ort_check(OrtStatus* st, const std::string& what) {
+  if (!st) return;
+  std::string msg = what + ": " + g_api->GetErrorMessage(st);
+  g_api->ReleaseStatus(st);
+  throw OpError(ORT_FAIL, msg);
+}
+
+template <class F>
+OrtStatus* guarded(F&& f) noexcept {
+  try {
+    f();
+    return nullptr;
+  } catch (const OpError& e) {
+    return g_api->CreateStatus(e.code, e.what());
+  } catch (const std::bad_alloc&) {
+    return g_api->CreateStatus(ORT_FAIL, "toolchain sparse ops: out of memory");
+  } catch (const std::exception& e) {
+    return g_api->CreateStatus(ORT_FAIL, e.what());
+  } catch (...) {
+    return g_api->CreateStatus(ORT_FAIL, "toolchain sparse ops: unknown error");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Buffers.
+
+struct AlignedBuf {
+  float* p = nullptr;
+  size_t cap = 0;  // floats
+  AlignedBuf() = default;
+  AlignedBuf(const AlignedBuf&) = delete;
+  AlignedBuf& operator=(const AlignedBuf&) = delete;
+  AlignedBuf(AlignedBuf&& o) noexcept : p(o.p), cap(o.cap) { o.p = nullptr, o.cap = 0; }
+  ~AlignedBuf() { free(p); }
+  float* get(size_t n) {
+    if (n > cap) {
+      free(p);
+      p = nullptr;
+      cap = 0;
+      void* q = nullptr;
+      if (posix_memalign(&q, 64, std::max<size_t>(n, 16) * sizeof(float)) != 0) throw std::bad_alloc();
+      p = static_cast<float*>(q);
+      cap = n;
+    }
+    return p;
+  }
+};
+
+// Per-thread scratch for tasks (tile of im2col, output tile, partial sums).
+float* thread_scratch(int which, size_t n) {
+  static thread_local AlignedBuf bufs[3];
+  return bufs[which].get(n);
+}
+
+// Per-kernel pool of per-call buffers; concurrent Run() calls each get their own.
+class BufferPool {
+ public:
+  AlignedBuf acquire() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.empty()) return AlignedBuf();
+    AlignedBuf b = std::move(free_.back());
+    free_.pop_back();
+    return b;
+  }
+  void release(AlignedBuf&& b) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.size() < 4) free_.push_back(std::move(b));
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<AlignedBuf> free_;
+};
+
+struct PooledBuf {
+  BufferPool& pool;
+  AlignedBuf buf;
+  explicit PooledBuf(BufferPool& p) : pool(p), buf(p.acquire()) {}
+  ~PooledBuf() { pool.release(std::move(buf)); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Kernel selection.
+
+bool cpu_has_avx2_fma() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+const KernelTable* select_kernels() {
+  const char* env = getenv("TOOLCHAIN_KERNELS_ISA");
+  std::string isa = env ? env : "";
+  if (isa.empty() || isa == "auto") return cpu_has_avx2_fma() ? avx2_kernels() : portable_kernels();
+  if (isa == "portable") return portable_kernels();
+  if (isa == "avx2") {
+    if (!cpu_has_avx2_fma())
+      throw OpError(ORT_FAIL, "TOOLCHAIN_KERNELS_ISA=avx2 but this CPU lacks AVX2/FMA; use auto or portable");
+    return avx2_kernels();
+  }
+  throw OpError(ORT_INVALID_ARGUMENT,
+                format("TOOLCHAIN_KERNELS_ISA=%s is not one of auto, avx2, portable", isa.c_str()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parallel for over the session's intra-op thread pool.
+
+template <class F>
+void parallel_for(OrtKernelContext* ctx, size_t n, const F& f) {
+  if (n == 0) return;
+  if (n == 1) {
+    f(size_t(0));
+    return;
+  }
+  struct State {
+    const F* f;
+    std::atomic<int> failed{0};
+    std::string msg;
+    std::mutex mu;
+  } st;
+  st.f = &f;
+  auto tramp = [](void* user, size_t i) {
+    State* s = static_cast<State*>(user);
+    if (s->failed.load(std::memory_order_relaxed)) return;
+    try {
+      (*s->f)(i);
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lock(s->mu);
+      if (!s->failed.exchange(1)) s->msg = e.what();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(s->mu);
+      if (!s->failed.exchange(1)) s->msg = "unknown error in worker";
+    }
+  };
+  ort_check(g_api->KernelContext_ParallelFor(ctx, tramp, n, 0, &st), "KernelContext_ParallelFor");
+  if (st.failed.load()) throw OpError(ORT_FAIL, st.msg);
+}
+
+// Split [0, rows) into chunks of >= min_rows rows, aiming for `target` chunks (never depends on
+// the thread count, so results are the same for any number of threads).
+int64_t chunk_rows(int64_t rows, int64_t target, int64_t min_rows, int64_t max_rows) {
+  int64_t c = (rows + target - 1) / std::max<int64_t>(target, 1);
+  c = std::max(c, min_rows);
+  c = std::min(c, max_rows);
+  return std::max<int64_t>(c, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the node.
+
+struct NodeInfo {
+  const OrtKernelInfo* info;
+  std::string op;    // op type
+  std::string name;  // node name
+  std::string where() const { return op + " node '" + name + "'"; }
+  [[noreturn]] void fail(const std::string& msg) const { throw OpError(ORT_INVALID_ARGUMENT, where() + ": " + msg); }
+};
+
+std::string node_name(const OrtKernelInfo* info) {
+  size_t size = 0;
+  if (OrtStatus* st = g_api->KernelInfo_GetNodeName(info, nullptr, &size)) {
+    g_api->ReleaseStatus(st);
+    return "?";
+  }
+  std::string s(size, '\0');
+  if (OrtStatus* st = g_api->KernelInfo_GetNodeName(info, &s[0], &size)) {
+    g_api->ReleaseStatus(st);
+    return "?";
+  }
+  s.resize(strlen(s.c_str()));
+  return s;
+}
+
+bool get_int_attr(const NodeInfo& n, const char* name, int64_t* out) {
+  OrtStatus* st = g_api->KernelInfoGetAttribute_int64(n.info, name, out);
+  if (!st) return true;
+  g_api->ReleaseStatus(st);
+  return false;
+}
+
+bool get_ints_attr(const NodeInfo& n, const char* name, std::vector<int64_t>* out) {
+  size_t size = 0;
+  OrtStatus* st = g_api->KernelInfoGetAttributeArray_int64(n.info, name, nullptr, &size);
+  if (st) {
+    g_api->ReleaseStatus(st);
+    return false;
+  }
+  out->assign(size, 0);
+  if (size == 0) return true;
+  ort_check(g_api->KernelInfoGetAttributeArray_int64(n.info, name, out->data(), &size), n.where() + " attribute " + name);
+  return true;
+}
+
+bool get_string_attr(const NodeInfo& n, const char* name, std::string* out) {
+  size_t size = 0;
+  OrtStatus* st = g_api->KernelInfoGetAttribute_string(n.info, name, nullptr, &size);
+  if (st) {
+    g_api->ReleaseStatus(st);
+    return false;
+  }
+  std::string s(size, '\0');
+  ort_check(g_api->KernelInfoGetAttribute_string(n.info, name, &s[0], &size), n.where() + " attribute " + name);
+  s.resize(strlen(s.c_str()));
+  *out = s;
+  return true;
+}
+
+struct TensorRef {
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  int64_t size() const {
+    int64_t s = 1;
+    for (int64_t d : shape) s *= d;
+    return s;
+  }
+};
+
+TensorRef describe(const OrtValue* v, const std::string& what) {
+  TensorRef t;
+  OrtTensorTypeAndShapeInfo* ti = nullptr;
+  ort_check(g_api->GetTensorTypeAndShape(v, &ti), what);
+  size_t nd = 0;
+  OrtStatus* st = g_api->GetTensorElementType(ti, &t.type);
+  if (!st) st = g_api->GetDimensionsCount(ti, &nd);
+  if (!st) {
+    t.shape.assign(nd, 0);
+    if (nd) st = g_api->GetDimensions(ti, t.shape.data(), nd);
+  }
+  g_api->ReleaseTensorTypeAndShapeInfo(ti);
+  ort_check(st, what);
+  void* p = nullptr;
+  ort_check(g_api->GetTensorMutableData(const_cast<OrtValue*>(v), &p), what);
+  t.data = p;
+  return t;
+}
+
+size_t input_count(const NodeInfo& n) {
+  size_t c = 0;
+  ort_check(g_api->KernelInfo_GetInputCount(n.info, &c), n.where());
+  return c;
+}
+
+bool input_present(const NodeInfo& n, size_t index) {
+  if (index >= input_count(n)) return false;
+  size_t size = 0;
+  OrtStatus* st = g_api->KernelInfo_GetInputName(n.info, index, nullptr, &size);
+  if (st) {
+    g_api->ReleaseStatus(st);
+    return false;
+  }
+  return size > 1;  // includes the terminating NUL; an omitted optional input has an empty name
+}
+
+TensorRef const_input(const NodeInfo& n, size_t index, const char* what) {
+  int is_const = 0;
+  const OrtValue* v = nullptr;
+  ort_check(g_api->KernelInfoGetConstantInput_tensor(n.info, index, &is_const, &v), n.where() + " input " + what);
+  if (!is_const || !v)
+    n.fail(format("input '%s' must be a constant initializer (not a graph input or computed tensor)", what));
+  return describe(v, n.where() + " input " + what);
+}
+
+// ---------------------------------------------------------------------------------------------
+// CSR validation and repacking.
+
+struct Csr {
+  int64_t rows = 0;
+  int64_t nnz = 0;
+  int64_t max_col = -1;
+  std::vector<int32_t> row_ptr;  // rows + 1
+  std::vector<int32_t> col;
+  std::vector<float> val;
+  std::vector<float> bias;  // empty if none
+};
+
+// Reads values (1), col_idx (2), row_ptr (3) and optional bias (4); checks every structural rule.
+// `cols` bounds the column indices when known (> 0).
+Csr read_csr(const NodeInfo& n, int64_t cols) {
+  TensorRef values = const_input(n, 1, "values");
+  TensorRef col_idx = const_input(n, 2, "col_idx");
+  TensorRef row_ptr = const_input(n, 3, "row_ptr");
+  if (values.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) n.fail("values must be float32");
+  if (row_ptr.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) n.fail("row_ptr must be int32");
+  const bool idx16 = col_idx.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16;
+  if (!idx16 && col_idx.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) n.fail("col_idx must be uint16 or int32");
+  if (values.shape.size() != 1) n.fail(format("values must be 1-D, got rank %zu", values.shape.size()));
+  if (col_idx.shape.size() != 1) n.fail(format("col_idx must be 1-D, got rank %zu", col_idx.shape.size()));
+  if (row_ptr.shape.size() != 1) n.fail(format("row_ptr must be 1-D, got rank %zu", row_ptr.shape.size()));
+
+  Csr c;
+  c.nnz = values.shape[0];
+  if (col_idx.shape[0] != c.nnz)
+    n.fail(format("col_idx has %lld entries but values has %lld (must be equal)", (long long)col_idx.shape[0],
+                  (long long)c.nnz));
+  if (row_ptr.shape[0] < 2)
+    n.fail(format("row_ptr must have M+1 >= 2 entries, got %lld", (long long)row_ptr.shape[0]));
+  if (c.nnz > INT32_MAX) n.fail("more than 2^31-1 non-zeros");
+  c.rows = row_ptr.shape[0] - 1;
+
+  const int32_t* rp = static_cast<const int32_t*>(row_ptr.data);
+  if (rp[0] != 0) n.fail(format("row_ptr[0] must be 0, got %d", rp[0]));
+  for (int64_t m = 0; m < c.rows; ++m) {
+    if (rp[m + 1] < rp[m])
+      n.fail(format("row_ptr must be non-decreasing: row_ptr[%lld]=%d < row_ptr[%lld]=%d", (long long)(m + 1),
+                    rp[m + 1], (long long)m, rp[m]));
+  }
+  if (rp[c.rows] != c.nnz)
+    n.fail(format("row_ptr[M]=%d must equal the number of non-zeros (len(values)=%lld)", rp[c.rows], (long long)c.nnz));
+  c.row_ptr.assign(rp, rp + c.rows + 1);
+
+  c.col.resize(c.nnz);
+  for (int64_t j = 0; j < c.nnz; ++j) {
+    const int64_t v = idx16 ? static_cast<const uint16_t*>(col_idx.data)[j] : static_cast<const int32_t*>(col_idx.data)[j];
+    if (v < 0) n.fail(format("col_idx[%lld]=%lld is negative", (long long)j, (long long)v));
+    if (cols > 0 && v >= cols)
+      n.fail(format("col_idx[%lld]=%lld out of range: must be < %lld columns", (long long)j, (long long)v,
+                    (long long)cols));
+    c.col[j] = static_cast<int32_t>(v);
+    c.max_col = std::max(c.max_col, v);
+  }
+  const float* vp = static_cast<const float*>(values.data);
+  c.val.assign(vp, vp + c.nnz);
+
+  if (input_present(n, 4)) {
+    TensorRef bias = const_input(n, 4, "bias");
+    if (bias.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) n.fail("bias must be float32");
+    if (bias.shape.size() != 1 || bias.shape[0] != c.rows)
+      n.fail(format("bias must have shape [M]=[%lld] (M = len(row_ptr)-1), got %lld elements", (long long)c.rows,
+                    (long long)bias.size()));
+    const float* bp = static_cast<const float*>(bias.data);
+    c.bias.assign(bp, bp + c.rows);
+  }
+  return c;
+}
+
+// Owned column-blocked copy of a CSR matrix (see BlockedCsr).
+struct BlockedStore {
+  std::vector<int32_t> seg_ptr;
+  std::vector<uint16_t> idx;
+  std::vector<float> val;
+  BlockedCsr view{};
+
+  // Row-major blocked copy of `c` (columns < cols). Within a segment the file's order is kept.
+  void build_row_major(const Csr& c, int64_t cols) {
+    const int64_t M = c.rows;
+    const int64_t nb = std::max<int64_t>(1, (cols + kBlockCols - 1) / kBlockCols);
+    const int64_t bc = std::max<int64_t>(1, (cols + nb - 1) / nb);  // balanced blocks, <= kBlockCols
+    // Sub-blocks: about kSubBlockNnz non-zeros per (row, sub-block) amortise the per-segment cost
+    // (partial sums, loop exit) while a [sub_cols, 64] tile of X stays near L1 (tuned on Zen 4).
+    const double density = c.nnz ? static_cast<double>(c.nnz) / (static_cast<double>(M) * cols) : 1.0;
+    int64_t sc = static_cast<int64_t>(std::min(kSubBlockNnz / density, 1e9));
+    sc = std::min(bc, std::max<int64_t>(kMinSubCols, (sc + 31) / 32 * 32));
+    const int64_t S = (bc + sc - 1) / sc;
+    const int64_t nseg = nb * M * S;
+    if (nseg >= INT32_MAX) throw OpError(ORT_FAIL, "sparse matrix too large to repack");
+    seg_ptr.assign(nseg + 1, 0);
+    auto seg_of = [&](int64_t m, int64_t col) { return ((col / bc) * M + m) * S + (col % bc) / sc; };
+    for (int64_t m = 0; m < M; ++m)
+      for (int32_t j = c.row_ptr[m]; j < c.row_ptr[m + 1]; ++j) seg_ptr[seg_of(m, c.col[j]) + 1]++;
+    for (int64_t i = 0; i < nseg; ++i) seg_ptr[i + 1] += seg_ptr[i];
+    idx.resize(c.nnz);
+    val.resize(c.nnz);
+    std::vector<int32_t> fill(seg_ptr.begin(), seg_ptr.end() - 1);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int32_t j = c.row_ptr[m]; j < c.row_ptr[m + 1]; ++j) {
+        const int32_t at = fill[seg_of(m, c.col[j])]++;
+        idx[at] = static_cast<uint16_t>(c.col[j] % bc);
+        val[at] = c.val[j];
+      }
+    }
+    view = BlockedCsr{M, cols, bc, nb, sc, S, S, 1, seg_ptr.data(), idx.data(), val.data()};
+  }
+
+  // Same segments as `src` (row-major), stored sub-major.
+  void build_sub_major(const BlockedCsr& src) {
+    const int64_t M = src.rows, S = src.nsub, nseg = src.nblocks * M * S;
+    seg_ptr.assign(nseg + 1, 0);
+    const int64_t nnz = src.seg_ptr[nseg];
+    idx.resize(nnz);
+    val.resize(nnz);
+    int64_t at = 0, i = 0;
+    for (int64_t b = 0; b < src.nblocks; ++b) {
+      for (int64_t s = 0; s < S; ++s) {
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t k = b * M * S + m * S + s;
+          const int32_t j0 = src.seg_ptr[k], j1 = src.seg_ptr[k + 1];
+          seg_ptr[i++] = static_cast<int32_t>(at);
+          std::copy(src.idx + j0, src.idx + j1, idx.begin() + at);
+          std::copy(src.val + j0, src.val + j1, val.begin() + at);
+          at += j1 - j0;
+        }
+      }
+    }
+    seg_ptr[nseg] = static_cast<int32_t>(at);
+    view = src;
+    view.row_stride = 1;
+    view.sub_stride = M;
+    view.seg_ptr = seg_ptr.data();
+    view.idx = idx.data();
+    view.val = val.data();
+  }
+};
+
+// A weight matrix in both orders: row-major built at creation when batch-1 SpMV is possible,
+// sub-major for tile products built on first use (so batch-1-only sessions hold one copy).
+class BlockedWeights {
+ public:
+  void init(const Csr& c, int64_t cols, bool want_row_major) {
+    row_major_.build_row_major(c, cols);
+    if (!want_row_major) {
+      sub_major_.build_sub_major(row_major_.view);
+      sub_ready_.store(true);
+      row_major_ = BlockedStore();
+    }
+  }
+  const BlockedCsr& row_major() const { return row_major_.view; }
+  const BlockedCsr& sub_major() {
+    if (!sub_ready_.load(std::memory_order_acquire)) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!sub_ready_.load(std::memory_order_relaxed)) {
+        sub_major_.build_sub_major(row_major_.view);
+        sub_ready_.store(true, std::memory_order_release);
+      }
+    }
+    return sub_major_.view;
+  }
+
+ private:
+  BlockedStore row_major_, sub_major_;
+  std::mutex mu_;
+  std::atomic<bool> sub_ready_{false};
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// SparseLinear: Y[..., M] = X[..., K] W^T + bias.
+
+class SparseLinear {
+ public:
+  explicit SparseLinear(const OrtKernelInfo* info) {
+    NodeInfo n{info, "SparseLinear", node_name(info)};
+    where_ = n.where();
+    kernels_ = select_kernels();
+    if (!get_int_attr(n, "in_features", &in_features_)) n.fail("missing required int attribute 'in_features'");
+    if (in_features_ < 1) n.fail(format("in_features must be >= 1, got %lld", (long long)in_features_));
+    Csr c = read_csr(n, in_features_);
+    rows_ = c.rows;
+    bias_ = std::move(c.bias);
+    // Columns past the largest index hold no non-zeros: blocking stops there.
+    w_.init(c, std::max<int64_t>(c.max_col + 1, 1), /*want_row_major=*/true);
+  }
+
+  void compute(OrtKernelContext* ctx) {
+    const OrtValue* xv = nullptr;
+    ort_check(g_api->KernelContext_GetInput(ctx, 0, &xv), where_);
+    TensorRef x = describe(xv, where_ + " input X");
+    if (x.shape.size() < 2)
+      throw OpError(ORT_INVALID_ARGUMENT, format("%s: X must have rank >= 2 ([N, K]), got rank %zu", where_.c_str(),
+                                                 x.shape.size()));
+    const int64_t K = x.shape.back();
+    if (K != in_features_)
+      throw OpError(ORT_INVALID_ARGUMENT, format("%s: X has %lld features (last dim) but in_features is %lld",
+                                                 where_.c_str(), (long long)K, (long long)in_features_));
+    const int64_t N = x.size() / K;
+    std::vector<int64_t> yshape(x.shape.begin(), x.shape.end() - 1);
+    yshape.push_back(rows_);
+    OrtValue* yv = nullptr;
+    ort_check(g_api->KernelContext_GetOutput(ctx, 0, yshape.data(), yshape.size(), &yv), where_ + " output");
+    if (N == 0) return;
+    float* y = nullptr;
+    ort_check(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&y)), where_ + " output");
+    const float* xp = static_cast<const float*>(x.data);
+    const float* bias = bias_.empty() ? nullptr : bias_.data();
+    const KernelTable* kt = kernels_;
+    const int64_t M = rows_;
+
+    if (N == 1) {
+      const BlockedCsr& w = w_.row_major();
+      const int64_t mc = chunk_rows(M, 16, 64, 512);
+      parallel_for(ctx, ceil_div(M, mc), [&](size_t t) {
+        const int64_t m0 = t * mc, m1 = std::min(M, m0 + mc);
+        kt->spmv(w, m0, m1, xp, bias, y);
+      });
+      return;
+    }
+
+    // Batch tiles of up to 64 rows of X, transposed to [K, NT] so that one W row updates a whole
+    // tile with contiguous loads.
+    const BlockedCsr& w = w_.sub_major();
+    const int64_t ntiles = ceil_div(N, kMaxTile);
+    PooledBuf xt_buf(pool_);
+    float* xt = xt_buf.buf.get(static_cast<size_t>(ntiles) * K * kMaxTile);
+    auto tile_geom = [&](int64_t t, int64_t* n0, int* valid, int* nv) {
+      *n0 = t * kMaxTile;
+      *valid = static_cast<int>(std::min<int64_t>(kMaxTile, N - *n0));
+      *nv = (*valid + 7) / 8;
+    };
+    const int64_t kc = 512;
+    const int64_t kchunks = ceil_div(K, kc);
+    parallel_for(ctx, ntiles * kchunks, [&](size_t task) {
+      const int64_t t = task / kchunks, k0 = (task % kchunks) * kc, k1 = std::min(K, k0 + kc);
+      int64_t n0;
+      int valid, nv;
+      tile_geom(t, &n0, &valid, &nv);
+      const int NT = nv * 8;
+      float* dst = xt + t * K * kMaxTile;
+      kt->transpose(xp + n0 * K + k0, K, dst + k0 * NT, NT, valid, k1 - k0);
+      if (valid < NT)
+        for (int64_t k = k0; k < k1; ++k) std::fill(dst + k * NT + valid, dst + (k + 1) * NT, 0.f);
+    });
+
+    const int64_t mc = chunk_rows(M, std::max<int64_t>(1, 16 / ntiles), 32, kLinearRowChunk);
+    const int64_t mchunks = ceil_div(M, mc);
+    parallel_for(ctx, ntiles * mchunks, [&](size_t task) {
+      const int64_t t = task / mchunks, m0 = (task % mchunks) * mc, m1 = std::min(M, m0 + mc);
+      int64_t n0;
+      int valid, nv;
+      tile_geom(t, &n0, &valid, &nv);
+      const int NT = nv * 8;
+      float* yt = thread_scratch(0, static_cast<size_t>(m1 - m0) * NT);
+      kt->spmm(w, m0, m1, xt + t * K * kMaxTile, nv, bias, yt, NT, NT, yt);
+      kt->transpose(yt, NT, y + n0 * M + m0, M, m1 - m0, valid);
+    });
+  }
+
+ private:
+  std::string where_;
+  const KernelTable* kernels_ = nullptr;
+  int64_t in_features_ = 0;
+  int64_t rows_ = 0;
+  std::vector<float> bias_;
+  BlockedWeights w_;
+  BufferPool pool_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// SparseConv: 2-D convolution (ONNX Conv semantics) with a CSR weight [M, C/group*kh*kw].
+
+enum class ConvAlgo { kAuto, kIm2col, kDirect };
+
+ConvAlgo conv_algo_from_env() {
+  const char* env = getenv("TOOLCHAIN_KERNELS_CONV");
+  std::string a = env ? env : "";
+  if (a.empty() || a == "auto") return ConvAlgo::kAuto;
+  if (a == "im2col") return ConvAlgo::kIm2col;
+  if (a == "direct") return ConvAlgo::kDirect;
+  throw OpError(ORT_INVALID_ARGUMENT, format("TOOLCHAIN_KERNELS_CONV=%s is not one of auto, im2col, direct", a.c_str()));
+}
+
+class SparseConv {
+ public:
+  explicit SparseConv(const OrtKernelInfo* info) {
+    NodeInfo n{info, "SparseConv", node_name(info)};
+    where_ = n.where();
+    kernels_ = select_kernels();
+    algo_ = conv_algo_from_env();
+
+    std::vector<int64_t> v;
+    if (!get_ints_attr(n, "kernel_shape", &v)) n.fail("missing required attribute 'kernel_shape'");
+    if (v.size() != 2 || v[0] < 1 || v[1] < 1 || v[0] > kMaxAttr || v[1] > kMaxAttr)
+      n.fail("kernel_shape must be 2 positive ints [kh, kw]");
+    kh_ = v[0], kw_ = v[1];
+    if (get_ints_attr(n, "strides", &v)) {
+      if (v.size() != 2 || v[0] < 1 || v[1] < 1 || v[0] > kMaxAttr || v[1] > kMaxAttr)
+        n.fail("strides must be 2 positive ints");
+      sh_ = v[0], sw_ = v[1];
+    }
+    if (get_ints_attr(n, "dilations", &v)) {
+      if (v.size() != 2 || v[0] < 1 || v[1] < 1 || v[0] > kMaxAttr || v[1] > kMaxAttr)
+        n.fail("dilations must be 2 positive ints");
+      dh_ = v[0], dw_ = v[1];
+    }
+    if (get_ints_attr(n, "pads", &v)) {
+      if (v.size() != 4 || *std::min_element(v.begin(), v.end()) < 0 || *std::max_element(v.begin(), v.end()) > kMaxAttr)
+        n.fail("pads must be 4 non-negative ints [top, left, bottom, right]");
+      pt_ = v[0], pl_ = v[1], pb_ = v[2], pr_ = v[3];
+    }
+    std::string auto_pad;
+    if (get_string_attr(n, "auto_pad", &auto_pad) && !auto_pad.empty() && auto_pad != "NOTSET")
+      n.fail("auto_pad is not supported; give explicit pads");
+    if (get_int_attr(n, "group", &group_) && (group_ < 1 || group_ > INT32_MAX))
+      n.fail(format("group must be in [1, 2^31), got %lld", (long long)group_));
+    if (get_int_attr(n, "in_channels", &in_channels_)) {
+      if (in_channels_ < 1 || in_channels_ > INT32_MAX || in_channels_ % group_ != 0)
+        n.fail(format("in_channels=%lld must be a positive multiple of group=%lld", (long long)in_channels_,
+                      (long long)group_));
+    } else {
+      in_channels_ = 0;
+    }
+    const int64_t taps = kh_ * kw_;
+    const int64_t cols = in_channels_ ? in_channels_ / group_ * taps : 0;
+    if (cols > INT32_MAX) n.fail("in_channels/group*kh*kw must be < 2^31");
+    Csr c = read_csr(n, cols);
+    rows_ = c.rows;
+    if (rows_ % group_ != 0)
+      n.fail(format("M=%lld output channels (len(row_ptr)-1) is not divisible by group=%lld", (long long)rows_,
+                    (long long)group_));
+    // Only columns up to the largest index are gathered; without in_channels they are checked
+    // against X's channels at run time.
+    cols_ = std::max<int64_t>(c.max_col + 1, 1);
+    density_ = static_cast<double>(c.nnz) / (static_cast<double>(rows_) * (cols ? cols : cols_));
+    bias_ = std::move(c.bias);
+    w_.init(c, cols_, /*want_row_major=*/false);
+    csr_row_ptr_ = std::move(c.row_ptr);
+    csr_col_ = std::move(c.col);
+    csr_val_ = std::move(c.val);
+  }
+
+  void compute(OrtKernelContext* ctx) {
+    const OrtValue* xv = nullptr;
+    ort_check(g_api->KernelContext_GetInput(ctx, 0, &xv), where_);
+    TensorRef x = describe(xv, where_ + " input X");
+    if (x.shape.size() != 4) fail(format("X must be 4-D [N, C, H, W], got rank %zu", x.shape.size()));
+    const int64_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3];
+    if (in_channels_ && C != in_channels_)
+      fail(format("X has %lld channels but in_channels is %lld", (long long)C, (long long)in_channels_));
+    if (C % group_ != 0) fail(format("X has %lld channels, not divisible by group=%lld", (long long)C, (long long)group_));
+    const int64_t Cg = C / group_;
+    if (Cg * kh_ * kw_ < cols_)
+      fail(format("col_idx up to %lld needs C/group*kh*kw > that, but X has %lld channels", (long long)(cols_ - 1),
+                  (long long)C));
+    const int64_t OH = (H + pt_ + pb_ - dh_ * (kh_ - 1) - 1) / sh_ + 1;
+    const int64_t OW = (W + pl_ + pr_ - dw_ * (kw_ - 1) - 1) / sw_ + 1;
+    if (H + pt_ + pb_ < dh_ * (kh_ - 1) + 1 || W + pl_ + pr_ < dw_ * (kw_ - 1) + 1)
+      fail(format("input %lldx%lld (padded) is smaller than the dilated kernel", (long long)H, (long long)W));
+    const int64_t M = rows_;
+    std::vector<int64_t> yshape{N, M, OH, OW};
+    OrtValue* yv = nullptr;
+    ort_check(g_api->KernelContext_GetOutput(ctx, 0, yshape.data(), yshape.size(), &yv), where_ + " output");
+    if (N == 0) return;
+    float* y = nullptr;
+    ort_check(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&y)), where_ + " output");
+    Shape s{N, C, H, W, Cg, OH, OW};
+    if (use_direct(s))
+      compute_direct(ctx, static_cast<const float*>(x.data), s, y);
+    else
+      compute_im2col(ctx, static_cast<const float*>(x.data), s, y);
+  }
+
+ private:
+  struct Shape {
+    int64_t N, C, H, W, Cg, OH, OW;
+  };
+
+  [[noreturn]] void fail(const std::string& msg) const { throw OpError(ORT_INVALID_ARGUMENT, where_ + ": " + msg); }
+
+  bool use_direct(const Shape& s) const {
+    if (sh_ != 1 || sw_ != 1) return false;  // direct form needs unit stride
+    const int64_t Hp = s.H + pt_ + pb_, Wp = s.W + pl_ + pr_;
+    if (s.Cg * Hp * Wp + kMaxTile + Wp > INT32_MAX) return false;
+    if (algo_ == ConvAlgo::kDirect) return true;
+    if (algo_ == ConvAlgo::kIm2col) return false;
+    // Measured (docs/kernels.md): gathering im2col tiles pays off when each gathered element feeds
+    // many output channels (Mg * density); with little reuse (LeNet-5 conv2: 6) direct wins.
+    return static_cast<double>(rows_ / group_) * density_ < kDirectMaxReuse;
+  }
+
+  // Per output-position tile: gather the [cols_, NT] patch matrix, then one sparse tile product.
+  void compute_im2col(OrtKernelContext* ctx, const float* x, const Shape& s, float* y) {
+    const int64_t P = s.OH * s.OW, G = group_, Mg = rows_ / G, M = rows_;
+    const int64_t ptiles = ceil_div(P, kMaxTile);
+    const int64_t base_tasks = s.N * G * ptiles;
+    const int64_t mc = chunk_rows(Mg, ceil_div(16, base_tasks), 16, Mg);
+    const int64_t mchunks = ceil_div(Mg, mc);
+    const float* bias = bias_.empty() ? nullptr : bias_.data();
+    const KernelTable* kt = kernels_;
+    const BlockedCsr& w = w_.sub_major();
+    const int64_t K = cols_;
+    auto geometry = [&](int64_t tile_task, int64_t* n, int64_t* g, int64_t* p0, int* valid, int* nv) {
+      const int64_t pt = tile_task % ptiles, ng = tile_task / ptiles;
+      *g = ng % G, *n = ng / G;
+      *p0 = pt * kMaxTile;
+      *valid = static_cast<int>(std::min<int64_t>(kMaxTile, P - *p0));
+      *nv = (*valid + 7) / 8;
+    };
+    auto product = [&](int64_t tile_task, int64_t mci, const float* xt) {
+      int64_t n, g, p0;
+      int valid, nv;
+      geometry(tile_task, &n, &g, &p0, &valid, &nv);
+      const int64_t m0 = g * Mg + mci * mc, m1 = std::min(g * Mg + Mg, m0 + mc);
+      float* scratch = thread_scratch(1, static_cast<size_t>(m1 - m0) * nv * 8);
+      kt->spmm(w, m0, m1, xt, nv, bias, y + (n * M + m0) * P + p0, P, valid, scratch);
+    };
+    auto gather = [&](int64_t tile_task, float* xt) {
+      int64_t n, g, p0;
+      int valid, nv;
+      geometry(tile_task, &n, &g, &p0, &valid, &nv);
+      im2col_tile(x + (n * s.C + g * s.Cg) * s.H * s.W, s, p0, valid, nv * 8, xt);
+    };
+    if (mchunks == 1) {  // one task per tile: gather into per-thread scratch, multiply
+      parallel_for(ctx, base_tasks, [&](size_t t) {
+        float* xt = thread_scratch(0, static_cast<size_t>(K) * kMaxTile);
+        gather(t, xt);
+        product(t, 0, xt);
+      });
+      return;
+    }
+    // Few tiles, output channels split too: gather every tile once into a shared buffer.
+    PooledBuf buf(pool_);
+    float* xts = buf.buf.get(static_cast<size_t>(base_tasks) * K * kMaxTile);
+    parallel_for(ctx, base_tasks, [&](size_t t) { gather(t, xts + t * K * kMaxTile); });
+    parallel_for(ctx, base_tasks * mchunks, [&](size_t task) {
+      const int64_t t = task / mchunks;
+      product(t, task % mchunks, xts + t * K * kMaxTile);
+    });
+  }
+
+  // xt[k, l] = X[c, oh*sh - pt + i*dh, ow*sw - pl + j*dw] (0 outside X) for k = (c, i, j) and output
+  // position p0 + l = oh*OW + ow; lanes [valid, NT) are zero. Lanes are handled in runs of one
+  // output row, which read contiguous input when the stride is 1.
+  void im2col_tile(const float* xg, const Shape& s, int64_t p0, int valid, int NT, float* xt) const {
+    struct Run {
+      int64_t ih0, iw0;  // input position of tap (0, 0) for the run's first lane
+      int l0, len;
+    } runs[kMaxTile];
+    int nruns = 0;
+    for (int l = 0; l < valid;) {
+      const int64_t p = p0 + l, oh = p / s.OW, ow = p % s.OW;
+      const int len = static_cast<int>(std::min<int64_t>(valid - l, s.OW - ow));
+      runs[nruns++] = Run{oh * sh_ - pt_, ow * sw_ - pl_, l, len};
+      l += len;
+    }
+    const int64_t H = s.H, W = s.W, taps = kh_ * kw_;
+    for (int64_t k = 0; k < cols_; ++k) {
+      const int64_t c = k / taps, i = (k % taps) / kw_, j = k % kw_;
+      const float* xc = xg + c * H * W;
+      float* d = xt + k * NT;
+      for (int r = 0; r < nruns; ++r) {
+        const Run& run = runs[r];
+        float* dr = d + run.l0;
+        const int64_t ih = run.ih0 + i * dh_;
+        if (ih < 0 || ih >= H) {
+          std::fill(dr, dr + run.len, 0.f);
+          continue;
+        }
+        const float* src = xc + ih * W;
+        const int64_t iw0 = run.iw0 + j * dw_;
+        if (sw_ == 1) {
+          const int64_t lo = std::min<int64_t>(run.len, std::max<int64_t>(0, -iw0));
+          const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(run.len, W - iw0));
+          std::fill(dr, dr + lo, 0.f);
+          memcpy(dr + lo, src + iw0 + lo, sizeof(float) * (hi - lo));
+          std::fill(dr + hi, dr + run.len, 0.f);
+        } else {
+          for (int t = 0; t < run.len; ++t) {
+            const int64_t iw = iw0 + t * sw_;
+            dr[t] = (iw >= 0 && iw < W) ? src[iw] : 0.f;
+          }
+        }
+      }
+      std::fill(d + valid, d + NT, 0.f);
+    }
+  }
+
+  // Unit-stride direct convolution: with X zero-padded to [Hp, Wp] and flattened, output q = oh*Wp
+  // + ow reads X_pad[q + off] for a weight tap at offset off = c*Hp*Wp + i*dh*Wp + j*dw, so one W
+  // row updates 64 consecutive q with contiguous loads (columns ow >= OW are computed and dropped).
+  void compute_direct(OrtKernelContext* ctx, const float* x, const Shape& s, float* y) {
+    const int64_t Hp = s.H + pt_ + pb_, Wp = s.W + pl_ + pr_, HWp = Hp * Wp;
+    const int64_t G = group_, Mg = rows_ / G, M = rows_, P = s.OH * s.OW;
+    std::shared_ptr<const std::vector<int32_t>> offs = offsets_for(s.H, s.W, Hp, Wp);
+    const OffsetCsr w{rows_, csr_row_ptr_.data(), offs->data(), csr_val_.data()};
+
+    PooledBuf xp_buf(pool_);
+    const int64_t tail = kMaxTile + (kw_ - 1) * dw_ + 8;
+    float* xp = xp_buf.buf.get(static_cast<size_t>(s.N * s.C * HWp + tail));
+    const int64_t planes = s.N * s.C;
+    parallel_for(ctx, ceil_div(planes, 8), [&](size_t t) {
+      for (int64_t pi = t * 8; pi < std::min(planes, (int64_t)t * 8 + 8); ++pi) {
+        float* d = xp + pi * HWp;
+        const float* src = x + pi * s.H * s.W;
+        std::fill(d, d + pt_ * Wp, 0.f);
+        for (int64_t h = 0; h < s.H; ++h) {
+          float* row = d + (pt_ + h) * Wp;
+          std::fill(row, row + pl_, 0.f);
+          memcpy(row + pl_, src + h * s.W, sizeof(float) * s.W);
+          std::fill(row + pl_ + s.W, row + Wp, 0.f);
+        }
+        std::fill(d + (pt_ + s.H) * Wp, d + HWp, 0.f);
+      }
+    });
+    std::fill(xp + planes * HWp, xp + planes * HWp + tail, 0.f);
+
+    const int64_t Q = s.OH * Wp;
+    const int64_t qtiles = ceil_div(Q, kMaxTile);
+    const int64_t base_tasks = s.N * G * qtiles;
+    const int64_t mc = chunk_rows(Mg, ceil_div(16, base_tasks), 16, Mg);
+    const int64_t mchunks = ceil_div(Mg, mc);
+    const float* bias = bias_.empty() ? nullptr : bias_.data();
+    const KernelTable* kt = kernels_;
+    parallel_for(ctx, base_tasks * mchunks, [&](size_t task) {
+      int64_t r = task;
+      const int64_t mci = r % mchunks;
+      r /= mchunks;
+      const int64_t qt = r % qtiles;
+      r /= qtiles;
+      const int64_t g = r % G, n = r / G;
+      const int64_t q0 = qt * kMaxTile;
+      const int valid = static_cast<int>(std::min<int64_t>(kMaxTile, Q - q0));
+      const int nv = (valid + 7) / 8, NT = nv * 8;
+      const int64_t m0 = g * Mg + mci * mc, m1 = std::min(g * Mg + Mg, m0 + mc);
+      float* out = thread_scratch(0, static_cast<size_t>(m1 - m0) * NT);
+      kt->spmm_offsets(w, m0, m1, xp + (n * s.C + g * s.Cg) * HWp + q0, nv, bias, out, NT);
+      for (int l = 0; l < valid; ++l) {
+        const int64_t q = q0 + l, oh = q / Wp, ow = q % Wp;
+        if (ow >= s.OW) continue;
+        float* yp = y + (n * M + m0) * P + oh * s.OW + ow;
+        for (int64_t m = m0; m < m1; ++m) yp[(m - m0) * P] = out[(m - m0) * NT + l];
+      }
+    });
+  }
+
+  std::shared_ptr<const std::vector<int32_t>> offsets_for(int64_t H, int64_t W, int64_t Hp, int64_t Wp) {
+    std::lock_guard<std::mutex> lock(offs_mu_);
+    if (offs_ && offs_h_ == H && offs_w_ == W) return offs_;
+    auto v = std::make_shared<std::vector<int32_t>>(csr_col_.size());
+    const int64_t taps = kh_ * kw_;
+    for (size_t j = 0; j < csr_col_.size(); ++j) {
+      const int64_t k = csr_col_[j], c = k / taps, i = (k / kw_) % kh_, jj = k % kw_;
+      (*v)[j] = static_cast<int32_t>(c * Hp * Wp + i * dh_ * Wp + jj * dw_);
+    }
+    offs_ = v;
+    offs_h_ = H, offs_w_ = W;
+    return offs_;
+  }
+
+  std::string where_;
+  const KernelTable* kernels_ = nullptr;
+  ConvAlgo algo_ = ConvAlgo::kAuto;
+  int64_t kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1, pt_ = 0, pl_ = 0, pb_ = 0, pr_ = 0;
+  int64_t group_ = 1, in_channels_ = 0, rows_ = 0, cols_ = 0;
+  double density_ = 1.0;
+  std::vector<float> bias_;
+  BlockedWeights w_;
+  std::vector<int32_t> csr_row_ptr_, csr_col_;
+  std::vector<float> csr_val_;
+  std::mutex offs_mu_;
+  std::shared_ptr<const std::vector<int32_t>> offs_;
+  int64_t offs_h_ = -1, offs_w_ = -1;
+  BufferPool pool_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// OrtCustomOp glue.
+
+template <class Kernel>
+struct OpDef : OrtCustomOp {
+  const char* name;
+  explicit OpDef(const char* op_name) : OrtCustomOp{}, name(op_name) {
+    version = ORT_API_VERSION;
+    GetName = [](const OrtCustomOp* op) -> const char* { return static_cast<const OpDef*>(op)->name; };
+    GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };
+    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 5; };
+    GetInputType = [](const OrtCustomOp*, size_t index) -> ONNXTensorElementDataType {
+      switch (index) {
+        case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // col_idx: uint16 or int32
+        case 3: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+        default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      }
+    };
+    GetInputCharacteristic = [](const OrtCustomOp*, size_t index) -> OrtCustomOpInputOutputCharacteristic {
+      return index == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    };
+    GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+    GetOutputType = [](const OrtCustomOp*, size_t) -> ONNXTensorElementDataType {
+      return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    };
+    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) -> OrtCustomOpInputOutputCharacteristic {
+      return INPUT_OUTPUT_REQUIRED;
+    };
+    GetInputMemoryType = [](const OrtCustomOp*, size_t) -> OrtMemType { return OrtMemTypeDefault; };
+    GetVariadicInputMinArity = [](const OrtCustomOp*) -> int { return 1; };
+    GetVariadicInputHomogeneity = [](const OrtCustomOp*) -> int { return 0; };
+    GetVariadicOutputMinArity = [](const OrtCustomOp*) -> int { return 1; };
+    GetVariadicOutputHomogeneity = [](const OrtCustomOp*) -> int { return 0; };
+    CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) -> OrtStatusPtr {
+      *kernel = nullptr;
+      return guarded([&] { *kernel = new Kernel(info); });
+    };
+    KernelComputeV2 = [](void* kernel, OrtKernelContext* ctx) -> OrtStatusPtr {
+      return guarded([&] { static_cast<Kernel*>(kernel)->compute(ctx); });
+    };
+    KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+    GetStartVersion = [](const OrtCustomOp*) -> int { return 1; };
+    GetEndVersion = [](const OrtCustomOp*) -> int { return 1; };
+  }
+};
+
+OpDef<SparseLinear> g_linear("SparseLinear");
+OpDef<SparseConv> g_conv("SparseConv");
+
+}  // namespace
+}  // namespace tcops
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  using namespace tcops;
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (!api) {
+    // Older runtime: report through the oldest API table every release has.
+    const OrtApi* old = api_base->GetApi(1);
+    std::string msg = std::string("toolchain sparse ops need onnxruntime >= 1.29, this is ") +
+                      api_base->GetVersionString();
+    return old ? old->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
+  }
+  g_api = api;
+  OrtCustomOpDomain* domain = nullptr;
+  if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain)) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_linear)) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_conv)) return st;
+  // The domain must outlive every session using it; it is small and kept until process exit.
+  return api->AddCustomOpDomain(options, domain);
+}
