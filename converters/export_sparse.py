@@ -50,9 +50,9 @@ def sparse_weight_value(ctx, name: str, w: np.ndarray) -> str:
     zeros = ctx.fresh(f"{name}.zeros")
     ctx.add_node("ConstantOfShape", [ctx.add_initializer(f"{name}.numel", np.array([w.size], np.int64))], [zeros],
                  name=f"{name}_zeros", value=ctx.tensor(np.zeros(1, np.float32)))
-    flat = ctx.fresh(f"{name}.flat_weight")
+    flat = ctx.fresh(f"{name}.weight")  # the importer names the layer after this value
     ctx.add_node("ScatterND", [zeros, idx, values], [flat], name=f"{name}_scatter")
-    out = ctx.fresh(f"{name}.weight")
+    out = ctx.fresh(f"{name}.weight_shaped")
     ctx.add_node("Reshape", [flat, ctx.add_initializer(f"{name}.shape", np.array(w.shape, np.int64))], [out],
                  name=f"{name}_reshape")
     return out

@@ -136,6 +136,7 @@ _ONNX_TO_TORCH = {
     onnx.TensorProto.INT8: torch.int8,
     onnx.TensorProto.UINT8: torch.uint8,
     onnx.TensorProto.INT16: torch.int16,
+    onnx.TensorProto.UINT16: torch.uint16,
     onnx.TensorProto.INT32: torch.int32,
     onnx.TensorProto.INT64: torch.int64,
     onnx.TensorProto.BOOL: torch.bool,
