@@ -30,6 +30,7 @@ def add_arguments(p):
                    help="apply the passes without retraining (e.g. AlexNet without ImageNet); with --data, "
                         "accuracy is still measured")
     p.add_argument("--plots", metavar="DIR", default=None, help="write a sparsity-pattern PNG per pruned layer here")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads for retraining")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -47,6 +48,10 @@ def run(args) -> int:
     if not dist_.init_from_env() and args.distributed:
         raise ToolchainError("--distributed expects to be launched by torchrun: "
                              "torchrun --nproc-per-node N -m toolchain compress ... --distributed")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe)  # validate everything before touching data or weights
     net = import_onnx(args.model)
     for stage in recipe.stages:
