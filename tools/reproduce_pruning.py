@@ -5,8 +5,9 @@ Runs each model's prune recipe from its shipped dense ONNX (toolchain compress),
 table shaped like the paper's Table 1 (error, parameters, compression) and per-layer weight% /
 FLOP% tables like its Tables 2 and 3, measured on the exported files in onnxruntime.
 
-    python tools/reproduce_pruning.py                      # both LeNets, outputs in out/reproduce-pruning/
-    python tools/reproduce_pruning.py --models lenet-5 --skip-existing
+    python tools/reproduce_pruning.py                      # both LeNets: rewrites models/*/NAME-pruned.onnx
+    python tools/reproduce_pruning.py --skip-existing      # only the tables, from the shipped pruned files
+    python tools/reproduce_pruning.py --out out/repro      # write the pruned files elsewhere
 """
 from __future__ import annotations
 
@@ -29,22 +30,24 @@ PAPER = {  # Han et al. 2015, Table 1: error before -> after, parameters, compre
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="lenet-300-100,lenet-5")
-    ap.add_argument("--out", default="out/reproduce-pruning")
-    ap.add_argument("--skip-existing", action="store_true", help="reuse pruned files already in --out")
+    ap.add_argument("--out", default=None, help="folder for the pruned files (default: models/NAME/)")
+    ap.add_argument("--plots", default="out/reproduce-pruning", help="folder for the sparsity-pattern PNGs")
+    ap.add_argument("--threads", default="1", help="torch threads for retraining (default 1)")
+    ap.add_argument("--skip-existing", action="store_true", help="reuse pruned files that already exist")
     args = ap.parse_args()
-    out = Path(args.out)
     rows, per_layer = [], []
     for name in args.models.split(","):
         spec = get_model_spec(name)
         dense = spec.onnx_path
-        pruned = out / f"{name}-pruned.onnx"
+        pruned = (Path(args.out) if args.out else spec.folder) / f"{name}-pruned.onnx"
         t0 = time.time()
-        if not (args.skip_existing and pruned.exists()):
+        reuse = args.skip_existing and pruned.exists()
+        if not reuse:
             rc = toolchain_main(["compress", str(dense), "-r", str(spec.folder / "prune.toml"), "-o", str(pruned),
-                                 "--plots", str(out / name), "--no-progress"])
+                                 "--plots", str(Path(args.plots) / name), "--threads", args.threads, "--no-progress"])
             if rc:
                 return rc
-        minutes = (time.time() - t0) / 60
+        minutes = None if reuse else (time.time() - t0) / 60
         (b_stats, b_tot), (a_stats, a_tot) = measure(dense), measure(pruned)
         e_b = evaluate_onnx(dense, progress=False).error
         e_a = evaluate_onnx(pruned, progress=False).error
@@ -59,7 +62,7 @@ def main() -> int:
         p = PAPER.get(name, ("", "", "", "", ""))
         print(f"| {name} ref | {100 * e_b:.2f}% | {bt['nnz']:,} | | {bt['file_bytes']:,} | | {p[0]}, {p[2]} |")
         print(f"| {name} pruned | {100 * e_a:.2f}% | {at['nnz']:,} | **{bt['params'] / at['nnz']:.1f}x** | "
-              f"{at['file_bytes']:,} | {minutes:.1f} | {p[1]}, {p[3]}, {p[4]} |")
+              f"{at['file_bytes']:,} | {'existing' if minutes is None else f'{minutes:.1f}'} | {p[1]}, {p[3]}, {p[4]} |")
     for name, layers, bt, at in per_layer:
         print(f"\n## {name}: per layer (Tables 2-3 layout)\n")
         print("| layer | weights | FLOP | weights % | FLOP % |")
