@@ -142,3 +142,17 @@ def test_masked_linear_gradient_is_masked():
     layer.prune_(torch.rand(3, 5) > 0.5)
     layer(torch.randn(4, 5)).sum().backward()
     assert bool((layer.weight.grad[~layer.mask] == 0).all())
+
+
+def test_sensitivity_table_and_plot(tmp_path, lenet300_path, capsys):
+    from toolchain.cli import main
+
+    png = tmp_path / "s.png"
+    assert main(["sensitivity", str(lenet300_path), "--densities", "1,0.01", "--layers", "ip1,ip3",
+                 "-o", str(png), "--no-progress"]) == 0
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ip")}
+    dense_err, pruned_err = (float(c) for c in rows["ip1"].split("|")[2:4])
+    assert dense_err == pytest.approx(1.50) and pruned_err > dense_err  # 1% of ip1 alone hurts, untrained
+    assert png.stat().st_size > 1000
+    assert main(["sensitivity", str(lenet300_path), "--densities", "1.5", "-o", str(png)]) == 2
+    assert main(["sensitivity", str(lenet300_path), "--layers", "fc9", "-o", str(png)]) == 2
