@@ -23,7 +23,7 @@ kernels: $(STAMP)
 
 demo: kernels
 	$(BIN)/toolchain compress models/lenet-300-100/lenet-300-100.onnx \
-		--recipe models/lenet-300-100/prune.toml -o $(OUT)/lenet-300-100-pruned.onnx --plots $(OUT)
+		--recipe models/lenet-300-100/prune.toml -o $(OUT)/lenet-300-100-pruned.onnx --plots $(OUT) --threads 1
 	$(BIN)/toolchain export $(OUT)/lenet-300-100-pruned.onnx -o $(OUT)/lenet-300-100-pruned-fast.onnx --form fast
 	$(BIN)/toolchain bench $(OUT)/lenet-300-100-pruned-fast.onnx --baseline models/lenet-300-100/lenet-300-100.onnx --batch 1,64
 
