@@ -3,7 +3,6 @@ import copy
 import math
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper

@@ -2,6 +2,7 @@
 and the memory-bandwidth floor of a model's weights (bytes that must be read / measured bandwidth)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .runtime import load_onnx, make_session
+from .runtime import make_session
 
 
 @dataclass
@@ -74,22 +75,17 @@ def per_node_times(model: onnx.ModelProto, batch: int, threads: int, runs: int =
     return {k: float(np.median(v[3:] if len(v) > 3 else v)) for k, v in per.items()}
 
 
-_BANDWIDTH: float | None = None
-
-
-def memory_bandwidth(size_mb: int = 256, repeats: int = 5) -> float:
-    """Measured read bandwidth in bytes/s (median of numpy sums over an array far larger than cache)."""
-    global _BANDWIDTH
-    if _BANDWIDTH is None:
-        a = np.ones(size_mb * 2**20 // 8, dtype=np.float64)
+@functools.lru_cache(maxsize=None)
+def memory_bandwidth(size_mb: int = 1024, repeats: int = 7) -> float:
+    """Measured read bandwidth in bytes/s: median of numpy sums over an array far larger than cache."""
+    a = np.ones(size_mb * 2**20 // 4, dtype=np.float32)
+    a.sum()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
         a.sum()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a.sum()
-            ts.append(time.perf_counter() - t0)
-        _BANDWIDTH = a.nbytes / float(np.median(ts))
-    return _BANDWIDTH
+        ts.append(time.perf_counter() - t0)
+    return a.nbytes / float(np.median(ts))
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:

@@ -22,7 +22,7 @@ from . import distributed as dist_
 from .errors import DataError
 from .fileio import atomic_path
 from .recipe import Recipe
-from .train import TrainConfig, evaluate, train
+from .train import evaluate, train
 
 log = logging.getLogger(__name__)
 

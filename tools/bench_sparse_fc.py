@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from toolchain import kernels
 from toolchain.kernels import csr
+from toolchain.bench import memory_bandwidth
 
 LAYERS = [("fc6", 9216, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 1000)]
 DENSITIES = {
@@ -97,18 +98,6 @@ def sparse_bytes(weights) -> int:
         values, col_idx, row_ptr = csr.dense_to_csr(weights[name][0])
         total += values.nbytes + col_idx.nbytes + row_ptr.nbytes
     return total
-
-
-def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
-    """Read bandwidth in bytes/s: numpy sum over a `gib` GiB float32 array, median of `repeats`."""
-    a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
-    a.sum()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a.sum()
-        times.append(time.perf_counter() - t0)
-    return a.nbytes / statistics.median(times)
 
 
 def session(model: onnx.ModelProto, threads: int, sparse: bool) -> ort.InferenceSession:
@@ -200,7 +189,7 @@ def main(argv=None) -> int:
     print(f"- {args.runs} timed runs after {args.warmup} warm-up runs; times in ms, median (IQR); "
           f"load average at start {os.getloadavg()[0]:.1f}\n")
 
-    bw = measure_bandwidth(args.bw_gib)
+    bw = memory_bandwidth(int(args.bw_gib * 1024), 7)
     print(f"- measured read bandwidth (numpy sum over {args.bw_gib:g} GiB, median of 7): {bw / 1e9:.1f} GB/s\n")
 
     base = make_weights()
