@@ -250,7 +250,8 @@ def format_comparison(before: tuple[list[LayerStats], dict], after: tuple[list[L
                 f"{b_tot['macs_dense']:,} | {a_tot['macs']:,} | {100 * a_tot['macs'] / max(b_tot['macs_dense'], 1):.1f}% | "
                 f"{a_tot['stored_bytes']:,} |")
     rows.append("")
-    rows.append(f"compression: {b_tot['params'] / max(a_tot['nnz'], 1):.1f}x fewer non-zero parameters; "
+    rows.append(f"compression: {b_tot['params'] / max(a_tot['nnz'], 1):.1f}x fewer non-zero parameters (as computed), "
+                f"{b_tot['stored_bytes'] / max(a_tot['stored_bytes'], 1):.1f}x fewer stored bytes; "
                 f"file {b_tot['file_bytes']:,} -> {a_tot['file_bytes']:,} bytes "
                 f"({b_tot['file_bytes'] / a_tot['file_bytes']:.1f}x smaller)")
     return "\n".join(rows)

