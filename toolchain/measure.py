@@ -81,7 +81,7 @@ def _evaluate_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.n
     if not todo:
         return direct
     const, producer = _const_closure(g)
-    needed, stack = [], list(todo)
+    needed, stack = set(), list(todo)  # ids of the nodes the wanted values depend on
     seen = set()
     while stack:
         v = stack.pop()
@@ -89,10 +89,9 @@ def _evaluate_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.n
             continue
         seen.add(v)
         node = producer[v]
-        if id(node) not in {id(x) for x in needed}:
-            needed.append(node)
+        needed.add(id(node))
         stack.extend(node.input)
-    order = [n for n in g.node if any(n is x for x in needed)]
+    order = [n for n in g.node if id(n) in needed]
     used = {i for n in order for i in n.input}
     sub = helper.make_graph(
         order, "weights", [], [helper.make_empty_tensor_value_info(n) for n in todo],

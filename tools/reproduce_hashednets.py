@@ -122,7 +122,7 @@ def run(args) -> dict:
 
         def fit(key, net, cfg, teacher=None):
             t = time.time()
-            label = key.replace("/", " ")
+            label = " ".join(key.rsplit("/", 1)).replace("/", " ", 1)  # "3-layer 1/8 RER"
             train(net, tx, ty, cfg, TrainHooks(teacher=teacher), desc=label, progress=args.progress)
             err = evaluate(net, vx, vy)
             print(f"  {label:28s} test error {100 * err:5.2f}%  stored weights {stored_weights(net):>9,}  "
