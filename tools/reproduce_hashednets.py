@@ -6,7 +6,7 @@ ReLU, compressed to 1/8 and 1/64 of their weights. Every method gets the same bu
 weights (biases are not counted and not compressed):
 
   RER        random edge removal: a fixed random mask keeping the budget's connections per layer
-  LRD        low-rank decomposition W = B A per layer, both factors learned, rank from the budget
+  LRD        low-rank decomposition W = B A per layer, both factors learned, ranks from the budget
   NN         an equivalent-size dense net (narrower hidden layers, same weight count)
   DK         that NN trained with dark knowledge from the dense net (soft targets at temperature T)
   HashNet    HashedNets, K = budget real weights per layer, trained from scratch
@@ -72,13 +72,28 @@ def rer_net(widths, compression, seed):
 
 
 def lrd_net(widths, compression, seed):
+    """Low-rank layers within the budget of compression x all weights. The 10-way output layer gets
+    the largest rank that costs at most half the budget (kept dense when that is cheaper than its
+    factors; a per-layer budget would leave it rank 1, unable to separate 10 classes); the hidden
+    layers share the rest in proportion to their size."""
     torch.manual_seed(seed)
     net = mlp(widths)
     gen = torch.Generator().manual_seed(seed)
-    for name, m in list(net.named_children()):
-        if isinstance(m, nn.Linear):
-            r = max(1, int(compression * m.in_features * m.out_features / (m.in_features + m.out_features)))
-            setattr(net, name, random_factors(m, r, gen))
+    linears = [(n, m) for n, m in net.named_children() if isinstance(m, nn.Linear)]
+    budget = compression * mlp_weights(widths)
+    (last_name, last), hidden = linears[-1], linears[:-1]
+    f, o = last.in_features, last.out_features
+    r_out = min(min(o, f), int(budget / 2 // (o + f)))
+    if r_out == min(o, f) and o * f <= r_out * (o + f):
+        rest = budget - o * f  # dense output layer
+    else:
+        r_out = max(1, r_out)
+        setattr(net, last_name, random_factors(last, r_out, gen))
+        rest = budget - r_out * (o + f)
+    share = rest / sum(m.in_features * m.out_features for _, m in hidden)
+    for name, m in hidden:
+        r = max(1, int(share * m.in_features * m.out_features / (m.in_features + m.out_features)))
+        setattr(net, name, random_factors(m, r, gen))
     return net
 
 
