@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from converters.graph import GraphModule, Node
 from toolchain.errors import RecipeError
 from toolchain.layers.hashed import (PRIME, HashedConv2d, HashedLinear, fmix32, hash_buckets, hash_coefficients,
                                      hash_signs, hashed_from_dense, poly_hash)
@@ -20,16 +19,9 @@ from toolchain.passes.baselines import equivalent_width, hashed_mlp, mlp_weights
 from toolchain.passes.lowrank import layer_seed
 from toolchain.recipe import parse_recipe
 
+from conftest import graph_from_sequential
+
 ROOT = Path(__file__).resolve().parent.parent
-OPS = {nn.Flatten: "Flatten", nn.Linear: "Gemm", nn.Conv2d: "Conv", nn.ReLU: "Relu", nn.MaxPool2d: "MaxPool"}
-
-
-def graph_from_sequential(seq: nn.Sequential, input_shape) -> GraphModule:
-    nodes, mods, prev = [], {}, "x"
-    for name, m in seq.named_children():
-        nodes.append(Node(name, OPS[type(m)], [prev], [f"{name}_out"]))
-        mods[name], prev = m, f"{name}_out"
-    return GraphModule(nodes, mods, {}, ["x"], [prev], {"x": [None, *input_shape]})
 
 
 def small_mlp() -> nn.Sequential:

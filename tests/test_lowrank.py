@@ -8,22 +8,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from converters.graph import GraphModule, Node
 from toolchain.errors import RecipeError
 from toolchain.layers.lowrank import (LowRankConv2d, LowRankLinear, dictionary_factorize, kernel_dictionary,
                                       make_dictionary, rank_for_energy, svd_factorize)
 from toolchain.passes.lowrank import input_layouts
 from toolchain.recipe import parse_recipe
 
-OPS = {nn.Flatten: "Flatten", nn.Linear: "Gemm", nn.Conv2d: "Conv", nn.ReLU: "Relu", nn.MaxPool2d: "MaxPool"}
+from conftest import graph_from_sequential
 
-
-def graph_from_sequential(seq: nn.Sequential, input_shape) -> GraphModule:
-    nodes, mods, prev = [], {}, "x"
-    for name, m in seq.named_children():
-        nodes.append(Node(name, OPS[type(m)], [prev], [f"{name}_out"]))
-        mods[name], prev = m, f"{name}_out"
-    return GraphModule(nodes, mods, {}, ["x"], [prev], {"x": [None, *input_shape]})
 
 
 def lenet300(seed=0) -> nn.Sequential:
