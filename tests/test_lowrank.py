@@ -193,6 +193,8 @@ def test_denil_pass_on_lenet5():
     ("[stage.layers.ip1]\ndictionary = \"kernel\"\ncompression = 0.1", "applies to method = 'denil' only"),
     ("[stage.layers.ip1]\nmethod = \"denil\"\nlayout = [27, 28]\ncompression = 0.1", "layout (27, 28) has 756 inputs"),
     ("[stage.layers.ip1]\nrank = 3\nenergy = 0.9", "exactly one of rank, compression or energy"),
+    ("[stage.layers.ip1]\nrank = 40\n[stage.layers.ip2]\nmethod = \"denil\"\nlayout = [10, 10]\ncompression = 0.1",
+     "layout (10, 10) has 100 inputs"),  # ip1 was fine, but is not replaced either
 ])
 def test_recipe_errors(table, message):
     net = graph_from_sequential(lenet300(), (1, 28, 28))

