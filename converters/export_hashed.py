@@ -12,16 +12,29 @@ and the layer runs as a plain Gemm / MatMul / Conv on V. Every input of that sub
 initializer, so onnxruntime constant-folds it once when the session is created; inference then
 runs the dense kernels (docs/lowrank_hashed.md has the session-start and latency measurements).
 The same graph serves both export forms.
+
+The model's metadata (`ai.toolchain.hashed`: layer -> seed, K, sign) lets `restore_hashed_layers`
+turn the imported layers back into hashed ones, so a hashed file re-imports K-sized (trainable in
+compressed form, re-exported K-sized) instead of as the dense layer the folded subgraph computes.
 """
 from __future__ import annotations
 
+import json
+import logging
+
 import numpy as np
+import torch
+import torch.nn as nn
+from onnx import numpy_helper
 
-from toolchain.layers.hashed import PRIME, HashedConv2d, HashedLinear, _Hashed, hash_coefficients
+from toolchain.layers.hashed import PRIME, HashedConv2d, HashedLinear, _Hashed, hash_coefficients, hashed_from_dense
 
+from .ops.layers import conv_attrs, write_conv, write_fc
 from .ops.registry import register_emitter
 
 FLOAT, INT64 = 1, 7  # TensorProto data types
+METADATA_KEY = "ai.toolchain.hashed"
+log = logging.getLogger(__name__)
 
 
 def _i64(ctx, name: str, value) -> str:
@@ -32,6 +45,7 @@ def virtual_weight_value(ctx, name: str, m: _Hashed) -> str:
     """Add the nodes computing the layer's virtual weight; returns its value name (`{name}.weight`)."""
     count = m.virtual_count
     w = ctx.add_initializer(f"{name}.hashed_weight", m.weight.detach().cpu().numpy().astype(np.float32))
+    _record(ctx, name, m, w)
     n = ctx.fresh(f"{name}.hash_index")
     ctx.add_node("Range", [_i64(ctx, f"{name}.hash_start", 0), _i64(ctx, f"{name}.hash_count", count),
                            _i64(ctx, f"{name}.hash_step", 1)], [n], name=f"{name}_hash_range")
@@ -51,10 +65,12 @@ def virtual_weight_value(ctx, name: str, m: _Hashed) -> str:
     bucket = ctx.fresh(f"{name}.bucket")
     ctx.add_node("Mod", [poly(0, "bucket_hash"), _i64(ctx, f"{name}.buckets", m.buckets)], [bucket],
                  name=f"{name}_bucket", fmod=0)
-    flat = ctx.fresh(f"{name}.shared_weight")
+    # Value names: the importer names the layer after the Gemm/Conv node when the flat weight's name
+    # has no weight suffix, and measure after the reshaped `{name}.weight` -- both "ip1".
+    flat = ctx.fresh(f"{name}.shared_weight" if m.use_sign else f"{name}.weight_flat")
     ctx.add_node("Gather", [w, bucket], [flat], name=f"{name}_gather", axis=0)
     if m.use_sign:
-        parity, parity_f, sign, signed = (ctx.fresh(f"{name}.{k}") for k in ("sign_parity", "sign_parity_f", "sign", "signed_weight"))
+        parity, parity_f, sign, signed = (ctx.fresh(f"{name}.{k}") for k in ("sign_parity", "sign_parity_f", "sign", "weight_flat"))
         ctx.add_node("Mod", [poly(1, "sign_hash"), _i64(ctx, f"{name}.two", 2)], [parity], name=f"{name}_parity", fmod=0)
         ctx.add_node("Cast", [parity], [parity_f], name=f"{name}_parity_float", to=FLOAT)
         minus2 = ctx.add_initializer(f"{name}.minus_two", np.array(-2.0, np.float32))
@@ -70,31 +86,64 @@ def virtual_weight_value(ctx, name: str, m: _Hashed) -> str:
     return out
 
 
-def _bias(ctx, name: str, m) -> list[str]:
-    if m.bias is None:
-        return []
-    return [ctx.add_initializer(f"{name}.bias", m.bias.detach().cpu().numpy().astype(np.float32))]
+def _bias(m) -> np.ndarray | None:
+    return None if m.bias is None else m.bias.detach().cpu().numpy().astype(np.float32)
+
+
+def _record(ctx, name: str, m: _Hashed, real_weight: str) -> None:
+    layers = json.loads(ctx.metadata.get(METADATA_KEY, "{}"))
+    layers[name] = {"seed": m.seed, "buckets": m.buckets, "sign": m.use_sign, "weight": real_weight}
+    ctx.metadata[METADATA_KEY] = json.dumps(layers, sort_keys=True)
 
 
 @register_emitter(HashedLinear)
 def emit_hashed_linear(ctx, name, m, inputs, outputs):
-    weight = virtual_weight_value(ctx, name, m)
-    if ctx.rank(inputs[0]) == 2:
-        ctx.add_node("Gemm", [inputs[0], weight, *_bias(ctx, name, m)], outputs, name=name, transB=1)
-        return
-    wt = ctx.fresh(f"{name}.weight.T")
-    ctx.add_node("Transpose", [weight], [wt], name=f"{name}_transpose", perm=[1, 0])
-    if m.bias is None:
-        ctx.add_node("MatMul", [inputs[0], wt], outputs, name=name)
-        return
-    mm = ctx.fresh(f"{name}_matmul")
-    ctx.add_node("MatMul", [inputs[0], wt], [mm], name=name)
-    ctx.add_node("Add", [mm, *_bias(ctx, name, m)], outputs, name=f"{name}_bias")
+    write_fc(ctx, name, inputs[0], ctx.rank(inputs[0]), virtual_weight_value(ctx, name, m), _bias(m), outputs[0])
 
 
 @register_emitter(HashedConv2d)
 def emit_hashed_conv(ctx, name, m, inputs, outputs):
-    weight = virtual_weight_value(ctx, name, m)
-    ctx.add_node("Conv", [inputs[0], weight, *_bias(ctx, name, m)], outputs, name=name,
-                 kernel_shape=list(m.kernel_size), strides=list(m.stride), dilations=list(m.dilation),
-                 pads=list(m.padding) * 2, group=m.groups)
+    write_conv(ctx, name, inputs[0], virtual_weight_value(ctx, name, m), _bias(m), outputs[0],
+               conv_attrs(ctx, name, m))
+
+
+def restore_hashed_layers(net, model) -> list[str]:
+    """Replace the layers the exporter recorded as hashed (model metadata) by hashed layers; returns their names.
+
+    The importer has folded each hash subgraph into a dense weight W. A layer is restored from its
+    recorded seed, K and real-weight initializer only if they reproduce W exactly; otherwise (an
+    edited file, a stale record) it stays the dense layer W, which computes the same function, and a
+    warning says so.
+    """
+    text = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    if text is None:
+        return []
+    try:
+        records = {str(k): (int(v["seed"]), int(v["buckets"]), bool(v["sign"]), str(v["weight"]))
+                   for k, v in json.loads(text).items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        log.warning("ignoring malformed %s metadata; hashed layers import as dense ones", METADATA_KEY)
+        return []
+    inits = {t.name: t for t in model.graph.initializer}
+    restored = []
+    for name, (seed, buckets, sign, weight_name) in records.items():
+        dense = net.ops[name] if name in net.ops else None
+        real = numpy_helper.to_array(inits[weight_name]) if weight_name in inits else None
+        if not isinstance(dense, (nn.Linear, nn.Conv2d)) or real is None or real.shape != (buckets,):
+            log.warning("layer %r recorded as hashed has no matching Linear/Conv2d or real weights; kept dense", name)
+            continue
+        try:
+            hashed = hashed_from_dense(dense, buckets, seed, init="dense", use_sign=sign)
+        except ValueError as e:
+            log.warning("layer %r: %s; kept dense", name, e)
+            continue
+        with torch.no_grad():
+            hashed.weight.copy_(torch.from_numpy(real.astype(np.float32)))
+            exact = torch.equal(hashed.virtual_weight(), dense.weight.detach())
+        if not exact:
+            log.warning("layer %r: recorded hash (seed %d, K %d) does not reproduce its weight; kept dense", name,
+                        seed, buckets)
+            continue
+        net.replace_layer(name, hashed)
+        restored.append(name)
+    return restored

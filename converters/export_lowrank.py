@@ -15,6 +15,7 @@ import numpy as np
 
 from toolchain.layers.lowrank import LowRankConv2d, LowRankLinear
 
+from .ops.layers import conv_attrs, write_conv, write_fc
 from .ops.registry import register_emitter
 
 
@@ -32,30 +33,12 @@ def selection_indices(basis: np.ndarray) -> np.ndarray | None:
     return idx.astype(np.int64) if np.array_equal(basis, expect) else None
 
 
-def _fc(ctx, name: str, x: str, rank: int | None, weight_out_in: np.ndarray, bias: np.ndarray | None, out: str,
-        node_name: str, weight_label: str) -> None:
-    """out = x @ W^T (+ bias) as Gemm (x of rank 2) or MatMul (+ Add)."""
-    if rank == 2:
-        args = [x, ctx.add_initializer(f"{name}.{weight_label}", weight_out_in)]
-        if bias is not None:
-            args.append(ctx.add_initializer(f"{name}.bias", bias))
-        ctx.add_node("Gemm", args, [out], name=node_name, transB=1)
-        return
-    wt = ctx.add_initializer(f"{name}.{weight_label}.T", np.ascontiguousarray(weight_out_in.T))
-    if bias is None:
-        ctx.add_node("MatMul", [x, wt], [out], name=node_name)
-        return
-    mm = ctx.fresh(f"{node_name}_matmul")
-    ctx.add_node("MatMul", [x, wt], [mm], name=node_name)
-    ctx.add_node("Add", [mm, ctx.add_initializer(f"{name}.bias", bias)], [out], name=f"{node_name}_bias")
-
-
 @register_emitter(LowRankLinear)
 def emit_lowrank_linear(ctx, name, m, inputs, outputs):
     bias = _np(m.bias) if m.bias is not None else None
     rank = ctx.rank(inputs[0])  # the projected value has the input's rank
     if not m.factored_is_cheaper():
-        _fc(ctx, name, inputs[0], rank, _np(m.dense_weight()), bias, outputs[0], name, "weight")
+        write_fc(ctx, name, inputs[0], rank, _np(m.dense_weight()), bias, outputs[0])
         return
     basis = _np(m.basis)
     hidden = ctx.fresh(f"{name}.projected")
@@ -64,20 +47,20 @@ def emit_lowrank_linear(ctx, name, m, inputs, outputs):
         ctx.add_node("Gather", [inputs[0], ctx.add_initializer(f"{name}.selected_inputs", select)], [hidden],
                      name=f"{name}_select", axis=(rank - 1) if rank else -1)
     else:
-        _fc(ctx, name, inputs[0], rank, basis, None, hidden, f"{name}_basis", "basis.weight")
-    _fc(ctx, name, hidden, rank, _np(m.coef), bias, outputs[0], name, "coef.weight")
+        write_fc(ctx, name, inputs[0], rank, basis, None, hidden, node_name=f"{name}_basis", weight_label="basis.weight")
+    write_fc(ctx, name, hidden, rank, _np(m.coef), bias, outputs[0], weight_label="coef.weight")
 
 
 @register_emitter(LowRankConv2d)
 def emit_lowrank_conv(ctx, name, m, inputs, outputs):
-    attrs = {"strides": list(m.stride), "dilations": list(m.dilation), "pads": list(m.padding) * 2, "group": m.groups}
-    bias = [ctx.add_initializer(f"{name}.bias", _np(m.bias))] if m.bias is not None else []
+    attrs = conv_attrs(ctx, name, m)
+    bias = _np(m.bias) if m.bias is not None else None
     if not m.factored_is_cheaper():
-        w = ctx.add_initializer(f"{name}.weight", _np(m.dense_weight()))
-        ctx.add_node("Conv", [inputs[0], w, *bias], outputs, name=name, kernel_shape=list(m.kernel_size), **attrs)
+        write_conv(ctx, name, inputs[0], _np(m.dense_weight()), bias, outputs[0], attrs)
         return
     hidden = ctx.fresh(f"{name}.projected")
     ctx.add_node("Conv", [inputs[0], ctx.add_initializer(f"{name}.basis.weight", _np(m.basis))], [hidden],
-                 name=f"{name}_basis", kernel_shape=list(m.kernel_size), **attrs)
-    ctx.add_node("Conv", [hidden, ctx.add_initializer(f"{name}.coef.weight", _np(m.coef)), *bias], outputs, name=name,
+                 name=f"{name}_basis", **attrs)
+    b = [ctx.add_initializer(f"{name}.bias", bias)] if bias is not None else []
+    ctx.add_node("Conv", [hidden, ctx.add_initializer(f"{name}.coef.weight", _np(m.coef)), *b], outputs, name=name,
                  kernel_shape=[1, 1], strides=[1, 1], dilations=[1, 1], pads=[0, 0, 0, 0], group=m.groups)

@@ -15,6 +15,7 @@ import numpy as np
 
 from toolchain.layers.masked import MaskedConv2d, MaskedLinear
 
+from .ops.layers import conv_attrs, write_conv, write_fc
 from .ops.registry import register_emitter
 from .sparse_format import encode
 
@@ -87,18 +88,7 @@ def emit_masked_linear(ctx, name, m, inputs, outputs):
         ctx.add_node("SparseLinear", [inputs[0], *_csr_inputs(ctx, name, w, b)], outputs, name=name,
                      domain=DOMAIN, in_features=int(w.shape[1]))
         return
-    if ctx.rank(inputs[0]) == 2:
-        args = [inputs[0], sparse_weight_value(ctx, name, w)]
-        if b is not None:
-            args.append(ctx.add_initializer(f"{name}.bias", b))
-        ctx.add_node("Gemm", args, outputs, name=name, transB=1)
-        return
-    wt = ctx.fresh(f"{name}.weight.T")
-    ctx.add_node("Transpose", [sparse_weight_value(ctx, name, w)], [wt], name=f"{name}_transpose", perm=[1, 0])
-    mm = outputs[0] if b is None else ctx.fresh(f"{name}_matmul")
-    ctx.add_node("MatMul", [inputs[0], wt], [mm], name=name)
-    if b is not None:
-        ctx.add_node("Add", [mm, ctx.add_initializer(f"{name}.bias", b)], outputs, name=f"{name}_bias")
+    write_fc(ctx, name, inputs[0], ctx.rank(inputs[0]), sparse_weight_value(ctx, name, w), b, outputs[0])
 
 
 @register_emitter(MaskedConv2d)
@@ -108,14 +98,10 @@ def emit_masked_conv(ctx, name, m, inputs, outputs):
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
         raise ctx.error(f"conv {name!r}: only explicit zero padding is exportable in sparse form")
     w, b = _arrays(m)
-    attrs = {"kernel_shape": list(m.kernel_size), "strides": list(m.stride), "dilations": list(m.dilation),
-             "group": m.groups, "pads": list(m.padding) * 2}
+    attrs = conv_attrs(ctx, name, m)
     density = np.count_nonzero(w) / max(w.size, 1)
     if _form(ctx) == "fast" and density <= FAST_MAX_DENSITY["conv"]:
         ctx.add_node("SparseConv", [inputs[0], *_csr_inputs(ctx, name, w.reshape(w.shape[0], -1), b)], outputs,
                      name=name, domain=DOMAIN, in_channels=int(m.in_channels), **attrs)
         return
-    args = [inputs[0], sparse_weight_value(ctx, name, w)]
-    if b is not None:
-        args.append(ctx.add_initializer(f"{name}.bias", b))
-    ctx.add_node("Conv", args, outputs, name=name, **attrs)
+    write_conv(ctx, name, inputs[0], sparse_weight_value(ctx, name, w), b, outputs[0], attrs)

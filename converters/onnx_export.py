@@ -46,6 +46,7 @@ class ExportContext:
         self._values = set(reserved)
         self._node_names: set[str] = set()
         self._shapes, self._dtypes, self._constants = shapes, dtypes, constants
+        self.metadata: dict[str, str] = {}  # written to the model's metadata_props (e.g. how to re-import a layer)
 
     # ------------------------------------------------------------------ builders
     def fresh(self, name: str) -> str:
@@ -220,6 +221,8 @@ def export_onnx(net: GraphModule, path: str | os.PathLike | None = None, opset: 
     graph.output.extend(outputs)
     model.opset_import.extend(helper.make_opsetid(d, v) for d, v in ctx.opsets.items())
     model.producer_name, model.producer_version = "toolchain", __version__
+    for key, value in sorted(ctx.metadata.items()):
+        model.metadata_props.add(key=key, value=value)
     model.ir_version = max(7, helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
     data = _serialize(model)
     if check:

@@ -47,7 +47,11 @@ def import_onnx(src: str | os.PathLike | bytes | onnx.ModelProto, *, dynamic_bat
     unsupported ops.
     """
     model, label = load_model(src)
-    return _Importer(model, label, dynamic_batch).run()
+    net = _Importer(model, label, dynamic_batch).run()
+    from .export_hashed import restore_hashed_layers  # late: it imports toolchain.layers, which imports us
+
+    restore_hashed_layers(net, model)
+    return net
 
 
 # ----------------------------------------------------------------------------------- loading

@@ -301,3 +301,40 @@ def test_compress_lenet300_end_to_end(tmp_path, lenet300_path, mnist_small):
     assert err == pytest.approx(result.error_after, abs=1e-9)  # onnxruntime agrees with PyTorch
     assert err < 0.3  # 1/8 bucket means start near chance (~90%); 3 short epochs on 2k images recover most
     assert out.stat().st_size < lenet300_path.stat().st_size / 7
+
+
+def test_hashed_file_reimports_as_hashed_layers(tmp_path, caplog):
+    """An exported hashed model imports back as hashed layers (same K, seed, outputs) and re-exports K-sized."""
+    import onnx
+
+    from converters import import_onnx
+    from toolchain.export import export_compressed
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(OrderedDict(conv1=nn.Conv2d(1, 8, 5), pool1=nn.MaxPool2d(2), flatten=nn.Flatten(),
+                                     ip1=nn.Linear(8 * 12 * 12, 32), relu1=nn.ReLU(), ip2=nn.Linear(32, 10)))
+    net = _hashed_graph(seq, 1 / 8)
+    path = tmp_path / "hashed.onnx"
+    export_compressed(net, path)
+    back = import_onnx(path)
+    for name, m in net.layers().items():
+        r = back.layers()[name]
+        assert type(r) is type(m) and (r.buckets, r.seed, r.use_sign) == (m.buckets, m.seed, m.use_sign)
+        assert torch.equal(r.weight, m.weight)
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.allclose(back(x), net(x), atol=1e-6)
+    again = tmp_path / "again.onnx"
+    export_compressed(back, again)
+    assert abs(again.stat().st_size - path.stat().st_size) < 200
+
+    # A record that does not reproduce the weight (edited file): that layer stays dense, with a warning.
+    model = onnx.load(path)
+    meta = next(p for p in model.metadata_props if p.key == "ai.toolchain.hashed")
+    records = json.loads(meta.value)
+    records["ip1"]["seed"] += 1
+    meta.value = json.dumps(records)
+    with caplog.at_level("WARNING"):
+        edited = import_onnx(model)
+    assert isinstance(edited.layers()["ip1"], nn.Linear) and isinstance(edited.layers()["ip2"], HashedLinear)
+    assert "does not reproduce its weight" in caplog.text
+    assert torch.allclose(edited(x), net(x), atol=1e-6)

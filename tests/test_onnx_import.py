@@ -208,6 +208,28 @@ def test_elementwise_with_constants_and_broadcasting():
     check(make_model(nodes, [vi("x", ["N", 3, 4, 5])], [vi("y", None)], inits), {"x": rand(2, 3, 4, 5)}, tol=1e-3)
 
 
+@pytest.mark.parametrize("fmod", [0, 1])
+def test_mod_and_range(fmod):
+    """Mod (divisor's sign for fmod=0, dividend's for fmod=1) on a run-time tensor, and Range over constants
+    (folded), as the hashed-layer export uses them."""
+    nodes = [helper.make_node("Range", ["start", "limit", "delta"], ["r"]),
+             helper.make_node("Cast", ["r"], ["rf"], to=F32),
+             helper.make_node("Add", ["x", "rf"], ["s"]),
+             helper.make_node("Mod", ["s", "m"], ["y"], fmod=fmod)]
+    inits = [init("start", np.array(-3.0, np.float32)), init("limit", np.array(7.0, np.float32)),
+             init("delta", np.array(2.5, np.float32)), init("m", np.array(-1.75, np.float32))]
+    if fmod == 0:  # integer-only in ONNX
+        nodes[1:] = [helper.make_node("Add", ["x", "r"], ["s"]), helper.make_node("Mod", ["s", "m"], ["y"])]
+        inits = [init("start", np.array(-5, np.int64)), init("limit", np.array(9, np.int64)),
+                 init("delta", np.array(3, np.int64)), init("m", np.array(-4, np.int64))]
+        x = RNG.integers(-20, 20, (2, 5)).astype(np.int64)
+        dtype = onnx.TensorProto.INT64
+    else:
+        x = rand(2, 4) * 5
+        dtype = F32
+    check(make_model(nodes, [vi("x", ["N", x.shape[1]], dtype)], [vi("y", ["N", x.shape[1]], dtype)], inits), {"x": x})
+
+
 def test_old_style_broadcast_with_axis():
     node = helper.make_node("Add", ["x", "b"], ["y"], broadcast=1, axis=1)
     b = rand(3)

@@ -15,3 +15,7 @@ class ModelFormatError(ToolchainError):
 
 class RecipeError(ToolchainError):
     """A compression recipe is invalid."""
+
+
+class TrainingDiverged(ToolchainError):
+    """The loss or gradient became infinite or NaN while training (learning rate too high)."""

@@ -14,6 +14,7 @@
     [stage.retrain]           # retraining after each round (toolchain.train.TrainConfig)
     epochs = 2
     lr = 0.001
+    clip_grad_norm = 5.0      # optional: rescale larger gradients to this L2 norm (Caffe's clip_gradients)
     [stage.retrain_final]     # optional: overrides for the last round's retraining
     epochs = 10
 

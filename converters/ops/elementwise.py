@@ -1,4 +1,4 @@
-"""Element-wise ops and activations: Add/Sub/Mul/Div/Pow and comparisons, Where, Max/Min/Sum/Mean,
+"""Element-wise ops and activations: Add/Sub/Mul/Div/Pow/Mod and comparisons, Where, Max/Min/Sum/Mean,
 unary math, Relu/Sigmoid/Tanh/LeakyRelu/Elu, Clip, Softmax/LogSoftmax."""
 from __future__ import annotations
 
@@ -73,6 +73,30 @@ def emit_binary(ctx, name, m, inputs, outputs):
             ctx.add_node("Unsqueeze", [b, axes], [aligned])
             b = aligned
     ctx.add_node(m.op, [a, b], outputs, name=name)
+
+
+class Mod(nn.Module):
+    """ONNX Mod: fmod=0 takes the divisor's sign (integers only, like Python's %), fmod=1 the dividend's (C fmod)."""
+
+    def __init__(self, fmod: bool = False):
+        super().__init__()
+        self.fmod = fmod
+
+    def forward(self, a, b):
+        return torch.fmod(a, b) if self.fmod else torch.remainder(a, b)
+
+    def extra_repr(self):
+        return f"fmod={int(self.fmod)}"
+
+
+@register_converter("Mod")
+def convert_mod(node, ctx):
+    return Mod(bool(node.attrs.get("fmod", 0)))
+
+
+@register_emitter(Mod)
+def emit_mod(ctx, name, m, inputs, outputs):
+    ctx.add_node("Mod", inputs, outputs, name=name, fmod=int(m.fmod))
 
 
 class Variadic(nn.Module):

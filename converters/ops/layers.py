@@ -98,10 +98,11 @@ def convert_conv(node, ctx):
     return Converted(conv, [node.inputs[0]], hints, pre)
 
 
-@register_emitter(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def emit_conv(ctx, name, m, inputs, outputs):
-    if m.padding_mode != "zeros":
-        raise ctx.error(f"conv {name!r}: padding_mode {m.padding_mode!r} is not exportable")
+def conv_attrs(ctx, name: str, m) -> dict:
+    """ONNX Conv attributes of a torch conv layer (zero padding: explicit, "same" or "valid")."""
+    mode = getattr(m, "padding_mode", "zeros")  # the toolchain's factored / hashed convs pad with zeros only
+    if mode != "zeros":
+        raise ctx.error(f"conv {name!r}: padding_mode {mode!r} is not exportable")
     n = len(m.kernel_size)
     attrs = {"kernel_shape": list(m.kernel_size), "strides": list(m.stride), "dilations": list(m.dilation),
              "group": m.groups}
@@ -111,10 +112,53 @@ def emit_conv(ctx, name, m, inputs, outputs):
         attrs["pads"] = [0] * 2 * n
     else:
         attrs["pads"] = list(m.padding) * 2
-    args = [inputs[0], ctx.add_initializer(f"{name}.weight", m.weight.detach().cpu().numpy())]
-    if m.bias is not None:
-        args.append(ctx.add_initializer(f"{name}.bias", m.bias.detach().cpu().numpy()))
-    ctx.add_node("Conv", args, outputs, name=name, **attrs)
+    return attrs
+
+
+def write_conv(ctx, name: str, x: str, weight: np.ndarray | str, bias: np.ndarray | None, out: str,
+               attrs: dict) -> None:
+    """out = Conv(x, W) (+ bias). `weight` is an array, stored as the initializer `{name}.weight`,
+    or the name of a value the graph computes; `bias` an array or None."""
+    w = ctx.add_initializer(f"{name}.weight", weight) if isinstance(weight, np.ndarray) else weight
+    b = [ctx.add_initializer(f"{name}.bias", bias)] if bias is not None else []
+    ctx.add_node("Conv", [x, w, *b], [out], name=name, **attrs)
+
+
+def write_fc(ctx, name: str, x: str, rank: int | None, weight: np.ndarray | str, bias: np.ndarray | None, out: str,
+             node_name: str | None = None, weight_label: str = "weight") -> None:
+    """out = x @ W^T (+ bias), W [out, in]: Gemm(transB=1) when x has rank 2, else MatMul (+ Add).
+
+    `weight` is an array, stored as the initializer `{name}.{weight_label}` (pre-transposed for
+    MatMul), or the name of a value the graph computes (then transposed by a Transpose node for
+    MatMul); `bias` an array or None. `rank` is x's rank (None: unknown).
+    """
+    node_name = node_name or name
+    computed = not isinstance(weight, np.ndarray)
+    if rank == 2:
+        w = weight if computed else ctx.add_initializer(f"{name}.{weight_label}", weight)
+        b = [ctx.add_initializer(f"{name}.bias", bias)] if bias is not None else []
+        ctx.add_node("Gemm", [x, w, *b], [out], name=node_name, transB=1)
+        return
+    if computed:
+        wt = ctx.fresh(f"{name}.{weight_label}.T")
+        ctx.add_node("Transpose", [weight], [wt], name=f"{node_name}_transpose", perm=[1, 0])
+    else:
+        wt = ctx.add_initializer(f"{name}.{weight_label}.T", np.ascontiguousarray(weight.T))
+    if bias is None:
+        ctx.add_node("MatMul", [x, wt], [out], name=node_name)
+        return
+    mm = ctx.fresh(f"{node_name}_matmul")
+    ctx.add_node("MatMul", [x, wt], [mm], name=node_name)
+    ctx.add_node("Add", [mm, ctx.add_initializer(f"{name}.bias", bias)], [out], name=f"{node_name}_bias")
+
+
+def _array(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().cpu().numpy()
+
+
+@register_emitter(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def emit_conv(ctx, name, m, inputs, outputs):
+    write_conv(ctx, name, inputs[0], _array(m.weight), _array(m.bias), outputs[0], conv_attrs(ctx, name, m))
 
 
 # --------------------------------------------------------------------------- Gemm / MatMul
@@ -201,22 +245,7 @@ def convert_matmul(node, ctx):
 
 @register_emitter(nn.Linear)
 def emit_linear(ctx, name, m, inputs, outputs):
-    w = m.weight.detach().cpu().numpy()
-    b = m.bias.detach().cpu().numpy() if m.bias is not None else None
-    if ctx.rank(inputs[0]) == 2:
-        args = [inputs[0], ctx.add_initializer(f"{name}.weight", w)]
-        if b is not None:
-            args.append(ctx.add_initializer(f"{name}.bias", b))
-        ctx.add_node("Gemm", args, outputs, name=name, transB=1)
-        return
-    # N-D (or unknown-rank) input: x @ W^T (+ b)
-    wt = ctx.add_initializer(f"{name}.weight.T", np.ascontiguousarray(w.T))
-    if b is None:
-        ctx.add_node("MatMul", [inputs[0], wt], outputs, name=name)
-        return
-    mm = ctx.fresh(f"{name}_matmul")
-    ctx.add_node("MatMul", [inputs[0], wt], [mm], name=name)
-    ctx.add_node("Add", [mm, ctx.add_initializer(f"{name}.bias", b)], outputs, name=f"{name}_bias")
+    write_fc(ctx, name, inputs[0], ctx.rank(inputs[0]), _array(m.weight), _array(m.bias), outputs[0])
 
 
 # --------------------------------------------------------------------------- BatchNormalization

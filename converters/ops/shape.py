@@ -244,6 +244,23 @@ def emit_shape(ctx, name, m, inputs, outputs):
         ctx.add_node("Slice", [full, _i64(ctx, f"{name}_start", [m.start]), _i64(ctx, f"{name}_end", [end])], outputs, name=name)
 
 
+class Range(nn.Module):
+    """ONNX Range: start, start + delta, ... up to (not including) limit; scalar inputs."""
+
+    def forward(self, start, limit, delta):
+        return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
+
+
+@register_converter("Range")
+def convert_range(node, ctx):
+    return Range()
+
+
+@register_emitter(Range)
+def emit_range(ctx, name, m, inputs, outputs):
+    ctx.add_node("Range", inputs, outputs, name=name)
+
+
 class Size(nn.Module):
     def forward(self, x):
         return torch.tensor(x.numel(), dtype=torch.int64, device=x.device)
