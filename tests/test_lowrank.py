@@ -131,6 +131,19 @@ def test_kernel_dictionary_rows_and_columns():
     assert len(blocks[0] | blocks[1] | blocks[2]) == 36
 
 
+def test_kernel_dictionary_warns_when_channels_outnumber_atoms(caplog):
+    """Channels are uncorrelated, so with fewer atoms than channels some channels cannot be predicted at all."""
+    with caplog.at_level("WARNING"):
+        a = make_dictionary("kernel", 500, 18, np.random.default_rng(0), layout=(20, 5, 5)).numpy()
+    assert "18 atoms for 20 uncorrelated input channels; 2 channels get no atom" in caplog.text
+    per_channel = np.abs(a).reshape(18, 20, 25).sum(axis=(0, 2))
+    assert (per_channel == 0).sum() == 2  # exactly those two channels are predicted as zero
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        make_dictionary("kernel", 500, 40, np.random.default_rng(0), layout=(20, 5, 5))
+    assert "uncorrelated" not in caplog.text
+
+
 def test_conv_dictionary_and_random_init():
     torch.manual_seed(0)
     dense = nn.Conv2d(20, 50, 5)

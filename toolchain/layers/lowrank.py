@@ -15,6 +15,7 @@ the columnar variant builds one dictionary per disjoint random subset of the inp
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -23,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from converters.graph import register_layer_type
+
+log = logging.getLogger(__name__)
 
 DICTIONARIES = ("identity", "random", "kernel")
 
@@ -322,6 +325,10 @@ def kernel_dictionary(coords: np.ndarray, atoms: int, gen: np.random.Generator, 
     # Spread atoms over channels (round robin over a random order within each channel).
     by_ch = {c: gen.permutation(idx[ch[idx] == c]) for c in np.unique(ch[idx])}
     order = sorted(by_ch)
+    if atoms < len(order):
+        log.warning("kernel dictionary: %d atoms for %d uncorrelated input channels; %d channels get no atom, "
+                    "so their weights are predicted as 0 (use more atoms, or columns / another dictionary)",
+                    atoms, len(order), len(order) - atoms)
     picks, pos = [], 0
     while len(picks) < atoms:
         c = order[pos % len(order)]
