@@ -1,0 +1,60 @@
+"""The reproduction scripts' own logic (their full runs are benchmarks, not tests)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+
+import reproduce_hashednets as hn  # noqa: E402
+
+
+def test_collapsed_detects_a_constant_predictor():
+    x = np.random.default_rng(0).random((500, 1, 28, 28), dtype=np.float32)
+    dead = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with torch.no_grad():
+        dead[1].weight.zero_()
+        dead[1].bias.copy_(torch.arange(10.0))  # always class 9
+    assert hn.collapsed(dead, x)
+    torch.manual_seed(0)
+    alive = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with torch.no_grad():
+        alive[1].weight.normal_(0, 1.0)
+    assert not hn.collapsed(alive, x)
+    assert alive.training and dead.training  # left in training mode
+
+
+def test_table_marks_best_retried_and_failed_runs():
+    runs = {}
+    for arch in hn.ARCHS:
+        runs[f"{arch}/dense"] = {"error": 0.015, "stored_weights": 1000, "lr": 0.1}
+        for c in ("1/8", "1/64"):
+            for i, m in enumerate(hn.METHODS):
+                runs[f"{arch}/{c}/{m}"] = {"error": 0.02 + 0.001 * i, "stored_weights": 100 + i, "lr": 0.1}
+    runs["5-layer/1/64/HashNet"] = {"error": 0.018, "stored_weights": 105, "lr": 0.1 / 3}
+    runs["5-layer/1/64/RER"] = {"error": None, "stored_weights": 100, "lr": 0.1 / 9}
+    text = hn.table({"settings": {"lr": 0.1}, "runs": runs})
+    row = next(line for line in text.splitlines() if line.startswith("| 5-layer | 1/64 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "1.50"  # dense
+    assert cells[3] == "failed (lr 0.0111)"  # RER failed at every rate
+    assert cells[7] == "**1.80** (lr 0.0333)"  # HashNet: best, retried
+    first = next(line for line in text.splitlines() if line.startswith("| 3-layer | 1/8 |"))
+    assert "**2.00**" in first and first.count("**") == 2  # RER best there, nothing else bold
+
+
+def test_denil_dictionary_sizes_reach_the_target_fraction(lenet300_path, lenet5_path):
+    import reproduce_denil as dn
+
+    from converters import import_onnx
+
+    for path, layers in ((lenet300_path, dn.MODELS["lenet-300-100"]), (lenet5_path, dn.MODELS["lenet-5"])):
+        net = import_onnx(path)
+        for target in dn.TARGETS:
+            atoms, reached = dn.dictionary_sizes(net, layers, target)
+            assert target <= reached < target + 0.01, (path.name, target, reached)
+            assert set(atoms) == set(layers) and all(a >= 1 for a in atoms.values())
+    atoms, _ = dn.dictionary_sizes(import_onnx(lenet300_path), dn.MODELS["lenet-300-100"], 0.9)
+    assert atoms == {"ip1": 75, "ip2": 28}  # the table's 90.1% row
