@@ -13,9 +13,10 @@ initializer, so onnxruntime constant-folds it once when the session is created; 
 runs the dense kernels (docs/lowrank_hashed.md has the session-start and latency measurements).
 The same graph serves both export forms.
 
-The model's metadata (`ai.toolchain.hashed`: layer -> seed, K, sign) lets `restore_hashed_layers`
-turn the imported layers back into hashed ones, so a hashed file re-imports K-sized (trainable in
-compressed form, re-exported K-sized) instead of as the dense layer the folded subgraph computes.
+The model's metadata (`ai.toolchain.hashed`: layer -> seed, K, sign, real-weight initializer) lets
+`restore_hashed_layers` turn the imported layers back into hashed ones, so a hashed file re-imports
+K-sized (trainable in compressed form, re-exported K-sized) instead of as the dense layer the
+folded subgraph computes.
 """
 from __future__ import annotations
 
