@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .registry import Converted, register_converter, register_emitter, scalar
+from .registry import Converted, register_converter, register_emitter, register_plain_op, scalar
 
 
 def _div(a, b):
@@ -128,12 +128,7 @@ class Where(nn.Module):
         return torch.where(cond, x, y)
 
 
-register_converter("Where")(lambda node, ctx: Where())
-
-
-@register_emitter(Where)
-def emit_where(ctx, name, m, inputs, outputs):
-    ctx.add_node("Where", inputs, outputs, name=name)
+register_plain_op("Where", Where)
 
 
 # --------------------------------------------------------------------------- unary
@@ -165,26 +160,11 @@ def emit_unary(ctx, name, m, inputs, outputs):
     ctx.add_node(m.op, inputs, outputs, name=name)
 
 
-register_converter("Relu")(lambda node, ctx: nn.ReLU())
-register_converter("Sigmoid")(lambda node, ctx: nn.Sigmoid())
-register_converter("Tanh")(lambda node, ctx: nn.Tanh())
+register_plain_op("Relu", nn.ReLU)
+register_plain_op("Sigmoid", nn.Sigmoid)
+register_plain_op("Tanh", nn.Tanh)
 register_converter("LeakyRelu")(lambda node, ctx: nn.LeakyReLU(float(node.attrs.get("alpha", 0.01))))
 register_converter("Elu")(lambda node, ctx: nn.ELU(float(node.attrs.get("alpha", 1.0))))
-
-
-@register_emitter(nn.ReLU)
-def emit_relu(ctx, name, m, inputs, outputs):
-    ctx.add_node("Relu", inputs, outputs, name=name)
-
-
-@register_emitter(nn.Sigmoid)
-def emit_sigmoid(ctx, name, m, inputs, outputs):
-    ctx.add_node("Sigmoid", inputs, outputs, name=name)
-
-
-@register_emitter(nn.Tanh)
-def emit_tanh(ctx, name, m, inputs, outputs):
-    ctx.add_node("Tanh", inputs, outputs, name=name)
 
 
 @register_emitter(nn.LeakyReLU)

@@ -120,6 +120,13 @@ def register_emitter(*module_types: type):
     return deco
 
 
+def register_plain_op(op_type: str, module_type: type) -> None:
+    """Register both directions for an op without attributes whose module takes no arguments:
+    `module_type()` on import, a bare `op_type` node on export."""
+    register_converter(op_type)(lambda node, ctx: module_type())
+    register_emitter(module_type)(lambda ctx, name, m, inputs, outputs: ctx.add_node(op_type, inputs, outputs, name=name))
+
+
 def find_emitter(module: nn.Module) -> Emitter | None:
     for cls in type(module).__mro__:
         if cls in _EMITTERS:

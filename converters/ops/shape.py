@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import Converted, OnnxNode, ints, onnx_dtype, register_converter, register_emitter, torch_dtype
+from .registry import (Converted, OnnxNode, ints, onnx_dtype, register_converter, register_emitter,
+                       register_plain_op, torch_dtype)
 
 
 def _ints_or_runtime(node: OnnxNode, ctx, index: int, attr: str | None = None):
@@ -251,14 +252,7 @@ class Range(nn.Module):
         return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
 
 
-@register_converter("Range")
-def convert_range(node, ctx):
-    return Range()
-
-
-@register_emitter(Range)
-def emit_range(ctx, name, m, inputs, outputs):
-    ctx.add_node("Range", inputs, outputs, name=name)
+register_plain_op("Range", Range)
 
 
 class Size(nn.Module):
@@ -266,14 +260,7 @@ class Size(nn.Module):
         return torch.tensor(x.numel(), dtype=torch.int64, device=x.device)
 
 
-@register_converter("Size")
-def convert_size(node, ctx):
-    return Size()
-
-
-@register_emitter(Size)
-def emit_size(ctx, name, m, inputs, outputs):
-    ctx.add_node("Size", inputs, outputs, name=name)
+register_plain_op("Size", Size)
 
 
 # --------------------------------------------------------------------------- Gather
