@@ -197,7 +197,7 @@ def test_onnx_eval_on_an_image_folder(imagenet_dir, tmp_path):
 
 
 def test_alexnet_prune_recipe_follows_han_et_al():
-    from converters.graph import GraphModule, Node
+    from converters.ir import Network, Node
 
     from toolchain.recipe import load_recipe
     from toolchain.zoo import MODELS_DIR, create_model
@@ -209,7 +209,7 @@ def test_alexnet_prune_recipe_follows_han_et_al():
     for name, module in seq.named_children():
         nodes.append(Node(name, type(module).__name__, [value], [f"{name}_out"]))
         value = f"{name}_out"
-    net = GraphModule(nodes, dict(seq.named_children()), {}, ["data"], [value], {"data": ["N", 3, 227, 227]})
+    net = Network(nodes, dict(seq.named_children()), {}, ["data"], [value], {"data": ["N", 3, 227, 227]})
     table4 = {"conv1": 0.84, "conv2": 0.38, "conv3": 0.35, "conv4": 0.37, "conv5": 0.37,
               "fc6": 0.09, "fc7": 0.09, "fc8": 0.25}
     got = {}

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from toolchain.errors import RecipeError
-from toolchain.layers.lowrank import (LowRankConv2d, LowRankLinear, dictionary_factorize, kernel_dictionary,
+from toolchain.methods.lowrank.layers import (LowRankConv2d, LowRankLinear, dictionary_factorize, kernel_dictionary,
                                       make_dictionary, rank_for_energy, svd_factorize)
-from toolchain.passes.lowrank import input_layouts
+from toolchain.methods.lowrank.passes import input_layouts
 from toolchain.recipe import parse_recipe
 
 from conftest import graph_from_sequential
@@ -234,7 +234,7 @@ def _run_onnx(path, x):
 ])
 def test_export_matches_torch_and_stores_the_factors(tmp_path, model, table):
     from toolchain.export import export_compressed
-    from toolchain.layers.lowrank import _LowRank
+    from toolchain.methods.lowrank.layers import _LowRank
     from toolchain.measure import measure
 
     net = graph_from_sequential(model(), (1, 28, 28))

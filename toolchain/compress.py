@@ -20,7 +20,7 @@ import torch
 
 from . import distributed as dist_
 from .errors import DataError
-from .fileio import atomic_path
+from converters.fileio import atomic_path
 from .recipe import Recipe
 from .train import evaluate, train
 

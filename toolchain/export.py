@@ -1,29 +1,22 @@
 """Export of a compressed network: each compressed layer type's emitter writes its compact form
-(converters/export_*.py); `form` picks the portable (stock onnxruntime) or fast (custom ops) form."""
+(toolchain/methods/*/onnx.py); `form` picks the portable (stock onnxruntime) or fast (custom ops) form."""
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import converters
+
+from . import __version__, methods  # noqa: F401  (registers every method's emitters)
 
 FORMS = ("portable", "fast")
 
 
-def _load_compressed_emitters() -> None:
-    for info in pkgutil.iter_modules(converters.__path__):
-        if info.name.startswith("export_"):
-            importlib.import_module(f"converters.{info.name}")
-
-
-def export_compressed(net, path=None, form: str = "portable", opset: int = 17):
+def export_compressed(net, path=None, form: str = "portable", opset: int = 17, metadata: dict[str, str] | None = None):
     """Write `net` as ONNX (atomically when `path` is given); returns the ModelProto."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}")
-    _load_compressed_emitters()
     was_training = net.training
     net.eval()
     try:
-        return converters.export_onnx(net, path, opset=opset, form=form)
+        return converters.export_onnx(net, path, opset=opset, form=form, metadata=metadata,
+                                      producer=("toolchain", __version__))
     finally:
         net.train(was_training)

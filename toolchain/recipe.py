@@ -4,7 +4,7 @@
     dataset = "mnist"
 
     [[stage]]
-    pass = "prune"            # a registered pass (toolchain.passes)
+    pass = "prune"            # a registered pass (toolchain.methods)
     only = "fc"               # optional: "all" (default), "conv" or "fc"
     rounds = 3                # pass options (the pass's Options dataclass)
     [stage.layers.default]    # per-layer options for every layer (the pass's LayerOptions)
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .errors import RecipeError
-from .passes import CompressionPass, get_pass
+from .methods import CompressionPass, get_pass
 from .train import TrainConfig
 
 TOP_KEYS = {"seed", "dataset", "stage", "description"}

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist_
 from .errors import DataError, ToolchainError, TrainingDiverged
-from .fileio import atomic_path
+from converters.fileio import atomic_path
 
 
 @dataclass

@@ -22,7 +22,7 @@ def run(args) -> int:
 
     from ..errors import ToolchainError
     from ..export import export_compressed
-    from ..layers.masked import masked_from_dense
+    from ..methods.prune.layers import masked_from_dense
     from ..measure import format_comparison, measure
 
     if not 0 < args.max_density <= 1:

@@ -1,7 +1,7 @@
-"""Export of pruned layers (toolchain.layers.masked): compact sparse storage.
+"""Export of pruned layers (toolchain.methods.prune.layers): compact sparse storage.
 
 portable form (stock onnxruntime): the non-zeros and their gap-encoded positions
-(converters.sparse_format) are initializers; a small subgraph (Cast, CumSum, ScatterND, Reshape)
+(toolchain.methods.prune.sparse_format) are initializers; a small subgraph (Cast, CumSum, ScatterND, Reshape)
 rebuilds the dense weight, which onnxruntime constant-folds once at session start, so the file is
 small and inference runs the usual dense kernels.
 
@@ -12,11 +12,14 @@ fall back to the portable form.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from toolchain.layers.masked import MaskedConv2d, MaskedLinear
+from converters.ops.layers import conv_attrs, write_conv, write_fc
+from converters.ops.registry import Converted, register_converter, register_emitter
 
-from .ops.layers import conv_attrs, write_conv, write_fc
-from .ops.registry import register_emitter
+from ...kernels import DOMAIN, OPSET_VERSION
+from ...kernels.csr import dense_to_csr
+from .layers import MaskedConv2d, MaskedLinear
 from .sparse_format import encode
 
 # Densities up to which the custom ops beat onnxruntime's dense kernels, with a margin below the
@@ -60,8 +63,6 @@ def sparse_weight_value(ctx, name: str, w: np.ndarray) -> str:
 
 
 def _csr_inputs(ctx, name: str, w2d: np.ndarray, bias) -> list[str]:
-    from toolchain.kernels import DOMAIN, OPSET_VERSION
-    from toolchain.kernels.csr import dense_to_csr
 
     ctx.require_opset(DOMAIN, OPSET_VERSION)
     values, col_idx, row_ptr = dense_to_csr(w2d)
@@ -80,7 +81,6 @@ def _arrays(m):
 
 @register_emitter(MaskedLinear)
 def emit_masked_linear(ctx, name, m, inputs, outputs):
-    from toolchain.kernels import DOMAIN
 
     w, b = _arrays(m)
     density = np.count_nonzero(w) / max(w.size, 1)
@@ -93,7 +93,6 @@ def emit_masked_linear(ctx, name, m, inputs, outputs):
 
 @register_emitter(MaskedConv2d)
 def emit_masked_conv(ctx, name, m, inputs, outputs):
-    from toolchain.kernels import DOMAIN
 
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
         raise ctx.error(f"conv {name!r}: only explicit zero padding is exportable in sparse form")
@@ -105,3 +104,55 @@ def emit_masked_conv(ctx, name, m, inputs, outputs):
                      name=name, domain=DOMAIN, in_channels=int(m.in_channels), **attrs)
         return
     write_conv(ctx, name, inputs[0], sparse_weight_value(ctx, name, w), b, outputs[0], attrs)
+
+# ------------------------------------------------------------------ import of the fast form
+# SparseLinear / SparseConv become pruned layers (mask = stored non-zeros), so a fast-form file can be
+# retrained or re-exported.
+def _dense(node, ctx, n_cols: int) -> tuple[np.ndarray, np.ndarray | None]:
+    arrays = [ctx.const(node.input(i)) for i in (1, 2, 3)]
+    if any(a is None for a in arrays):
+        raise node.error("values, col_idx and row_ptr must be initializers")
+    values, col_idx, row_ptr = (np.asarray(a) for a in arrays)
+    rows = len(row_ptr) - 1
+    if rows < 0 or len(values) != len(col_idx) or row_ptr[0] != 0 or row_ptr[-1] != len(values) \
+            or np.any(np.diff(row_ptr) < 0) or (len(col_idx) and (col_idx.astype(np.int64).max() >= n_cols or col_idx.astype(np.int64).min() < 0)):
+        raise node.error("inconsistent CSR arrays")
+    w = np.zeros((rows, n_cols), np.float32)
+    w[np.repeat(np.arange(rows), np.diff(row_ptr)), col_idx.astype(np.int64)] = values
+    bias = ctx.const(node.input(4)) if node.input(4) else None
+    return w, bias
+
+
+def _fill(layer, w: np.ndarray, bias) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(w).reshape(layer.weight.shape))
+        if bias is not None:
+            layer.bias.copy_(torch.from_numpy(np.array(bias, np.float32)))
+        layer.prune_(layer.weight != 0)
+
+
+@register_converter("SparseLinear", opsets=[1], domain=DOMAIN)
+def convert_sparse_linear(node, ctx):
+    k = int(node.attrs["in_features"])
+    w, bias = _dense(node, ctx, k)
+    layer = MaskedLinear(k, w.shape[0], bias is not None)
+    _fill(layer, w, bias)
+    return Converted(layer, [node.inputs[0]], name_hints=[node.name])
+
+
+@register_converter("SparseConv", opsets=[1], domain=DOMAIN)
+def convert_sparse_conv(node, ctx):
+    a = node.attrs
+    kh, kw = (int(v) for v in a["kernel_shape"])
+    group = int(a.get("group", 1))
+    if "in_channels" not in a:
+        raise node.error("needs the in_channels attribute to be imported")
+    cin = int(a["in_channels"])
+    pads = [int(p) for p in a.get("pads", [0, 0, 0, 0])]
+    if pads[:2] != pads[2:]:
+        raise node.error("asymmetric pads are not importable")
+    w, bias = _dense(node, ctx, cin // group * kh * kw)
+    layer = MaskedConv2d(cin, w.shape[0], (kh, kw), [int(s) for s in a.get("strides", [1, 1])], pads[:2],
+                         [int(d) for d in a.get("dilations", [1, 1])], group, bias is not None)
+    _fill(layer, w, bias)
+    return Converted(layer, [node.inputs[0]], name_hints=[node.name])

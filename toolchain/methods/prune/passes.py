@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..layers.masked import _Masked, masked_from_dense
-from . import CompressionPass, register_pass
+from .layers import _Masked, masked_from_dense
+from .. import CompressionPass, register_pass
 from .surgery import remove_dead_units
 
 
