@@ -194,10 +194,25 @@ class Network(nn.Module):
         return {n.name: self.ops[n.name] for n in self.nodes if is_layer(self.ops[n.name])}
 
     def replace_layer(self, name: str, module: nn.Module) -> None:
-        """Swap the module computing node `name` (e.g. nn.Linear -> a compressed layer with the same call)."""
+        """Swap the module computing node `name` (e.g. nn.Linear -> a compressed layer with the same call);
+        in a Network bound to a user's module (`bind`), the module there is swapped too."""
         if name not in self.ops:
             raise KeyError(f"no layer named {name!r}; layers: {', '.join(self.layers())}")
         self.ops[name] = module
+        source, paths = self.__dict__.get("_source"), self.__dict__.get("_source_paths", {})
+        if source is not None and name in paths:
+            parent, _, attr = paths[name].rpartition(".")
+            setattr(source.get_submodule(parent) if parent else source, attr, module)
+
+    def bind(self, source: nn.Module, paths: dict[str, str]) -> None:
+        """Tie this Network to `source`, the module its nodes were traced from: node name -> module path.
+        `source` is held outside the module tree (its parameters are this Network's already)."""
+        self.__dict__["_source"], self.__dict__["_source_paths"] = source, dict(paths)
+
+    @property
+    def source_module(self) -> nn.Module | None:
+        """The user's module this Network was traced from (converters.torch_import), else None."""
+        return self.__dict__.get("_source")
 
     def insert_node(self, index: int, node: Node, module: nn.Module) -> None:
         """Insert `node` (computed by `module`) before position `index` of `self.nodes`."""

@@ -131,7 +131,7 @@ def scenario(name: str, outdir: Path) -> dict:
         out["sum"] = dist_.all_reduce_sum([r + 1, 0.5])
         out["bounds"] = dist_.shard_bounds(15)
     elif name in ("compress", "compress-stop"):
-        from toolchain import compress as driver
+        from toolchain import driver
 
         calls, real_train = [0], driver.train
 
@@ -190,7 +190,7 @@ def _graph_lenet():
 
 
 def run_compress(checkpoint, resume=False):
-    from toolchain.compress import compress_network
+    from toolchain.driver import compress_network
     from toolchain.recipe import parse_recipe
 
     x, y, tx, ty = _data()

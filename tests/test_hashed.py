@@ -243,7 +243,7 @@ def _hashed_graph(seq, compression, input_shape=(1, 28, 28)):
 def test_export_is_k_sized_and_matches_torch(tmp_path, opset):
     import onnxruntime as ort
 
-    from toolchain.export import export_compressed
+    from toolchain.exporter import export_compressed
     from toolchain.measure import measure
 
     torch.manual_seed(0)
@@ -267,7 +267,7 @@ def test_export_is_k_sized_and_matches_torch(tmp_path, opset):
 def test_export_hashed_conv_net(tmp_path):
     import onnxruntime as ort
 
-    from toolchain.export import export_compressed
+    from toolchain.exporter import export_compressed
 
     torch.manual_seed(0)
     seq = nn.Sequential(OrderedDict(conv1=nn.Conv2d(1, 20, 5), pool1=nn.MaxPool2d(2), conv2=nn.Conv2d(20, 50, 5, padding=1),
@@ -286,9 +286,9 @@ def test_export_hashed_conv_net(tmp_path):
 
 def test_compress_lenet300_end_to_end(tmp_path, lenet300_path, mnist_small):
     from converters import import_onnx
-    from toolchain.compress import compress_network
+    from toolchain.driver import compress_network
     from toolchain.evaluate import evaluate_onnx
-    from toolchain.export import export_compressed
+    from toolchain.exporter import export_compressed
 
     net = import_onnx(lenet300_path)
     recipe = parse_recipe(_recipe("[stage.layers.default]\ncompression = 0.125\ninit = \"dense\"").replace(
@@ -308,7 +308,7 @@ def test_hashed_file_reimports_as_hashed_layers(tmp_path, caplog):
     import onnx
 
     from converters import import_onnx
-    from toolchain.export import export_compressed
+    from toolchain.exporter import export_compressed
 
     torch.manual_seed(0)
     seq = nn.Sequential(OrderedDict(conv1=nn.Conv2d(1, 8, 5), pool1=nn.MaxPool2d(2), flatten=nn.Flatten(),

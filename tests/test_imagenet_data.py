@@ -153,7 +153,7 @@ def test_bad_input_is_a_one_line_data_error(imagenet_dir, tmp_path):
 
 
 def test_one_alexnet_sgd_step_on_an_image_folder(imagenet_dir):
-    from toolchain.compress import load_training_data
+    from toolchain.driver import load_training_data
     from toolchain.recipe import Recipe
     from toolchain.train import TrainConfig, evaluate, train
     from toolchain.zoo import create_model, get_model_spec

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from converters import import_onnx  # noqa: E402
-from toolchain.compress import compress_network  # noqa: E402
+from toolchain.driver import compress_network  # noqa: E402
 from toolchain.data import load_mnist  # noqa: E402
 from toolchain.methods.lowrank.layers import fan_in  # noqa: E402
 from toolchain.recipe import parse_recipe  # noqa: E402

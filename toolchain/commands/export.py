@@ -21,7 +21,7 @@ def run(args) -> int:
     from converters import import_onnx
 
     from ..errors import ToolchainError
-    from ..export import export_compressed
+    from ..exporter import export_compressed
     from ..methods.prune.layers import masked_from_dense
     from ..measure import format_comparison, measure
 

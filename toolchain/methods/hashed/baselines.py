@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .layers import HashedLinear
 from ..prune.layers import _Masked, masked_from_dense
-from .. import CompressionPass, register_pass
+from ..base import CompressionPass, register_pass
 from ..lowrank.passes import layer_seed
 
 

@@ -37,7 +37,7 @@ from ...errors import RecipeError
 from ...train import TrainHooks
 from .layers import (DICTIONARIES, _LowRank, dictionary_factorize, fan_in, make_dictionary, max_rank,
                               random_factors, rank_for_compression, rank_for_energy, svd_factorize)
-from .. import CompressionPass, register_pass
+from ..base import CompressionPass, register_pass
 
 METHODS = ("svd", "denil")
 

@@ -11,20 +11,26 @@ fall back to the portable form.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
+import torch.nn as nn
 
+from converters.errors import ModelFormatError
+from converters.onnx_import import RESTORERS
 from converters.ops.layers import conv_attrs, write_conv, write_fc
 from converters.ops.registry import Converted, register_converter, register_emitter
 
 from ...kernels import DOMAIN, OPSET_VERSION
 from ...kernels.csr import dense_to_csr
-from .layers import MaskedConv2d, MaskedLinear
+from .layers import MaskedConv2d, MaskedLinear, masked_from_dense
 from .sparse_format import encode
 
 # Densities up to which the custom ops beat onnxruntime's dense kernels, with a margin below the
 # measured break-even (SparseLinear ~70-80%, SparseConv ~60%: docs/kernels.md).
 FAST_MAX_DENSITY = {"linear": 0.6, "conv": 0.5}
+METADATA_KEY = "ai.toolchain.pruned"  # JSON list of the pruned layers' names
 
 
 def _form(ctx) -> str:
@@ -81,7 +87,7 @@ def _arrays(m):
 
 @register_emitter(MaskedLinear)
 def emit_masked_linear(ctx, name, m, inputs, outputs):
-
+    _record(ctx, name)
     w, b = _arrays(m)
     density = np.count_nonzero(w) / max(w.size, 1)
     if _form(ctx) == "fast" and ctx.rank(inputs[0]) == 2 and density <= FAST_MAX_DENSITY["linear"]:
@@ -93,6 +99,7 @@ def emit_masked_linear(ctx, name, m, inputs, outputs):
 
 @register_emitter(MaskedConv2d)
 def emit_masked_conv(ctx, name, m, inputs, outputs):
+    _record(ctx, name)
 
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
         raise ctx.error(f"conv {name!r}: only explicit zero padding is exportable in sparse form")
@@ -104,6 +111,38 @@ def emit_masked_conv(ctx, name, m, inputs, outputs):
                      name=name, domain=DOMAIN, in_channels=int(m.in_channels), **attrs)
         return
     write_conv(ctx, name, inputs[0], sparse_weight_value(ctx, name, w), b, outputs[0], attrs)
+
+# ------------------------------------------------------------------ import of the portable form
+def _record(ctx, name: str) -> None:
+    """List the layer in the file's metadata, so that `restore_masks` makes it a pruned layer again."""
+    layers = set(json.loads(ctx.metadata.get(METADATA_KEY, "[]")))
+    ctx.metadata[METADATA_KEY] = json.dumps(sorted(layers | {name}))
+
+
+@RESTORERS.register("pruned")
+def restore_masks(net, model) -> list[str]:
+    """Turn the recorded pruned layers of an imported file back into masked layers (mask = non-zeros).
+
+    The portable form stores only the non-zeros, so the mask is what the file holds: a kept weight
+    that was exactly 0.0 comes back pruned, which changes no output.
+    """
+    record = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    if record is None:
+        return []
+    try:
+        names = json.loads(record)
+    except json.JSONDecodeError:
+        raise ModelFormatError(f"metadata {METADATA_KEY!r} is not a JSON list of layer names") from None
+    layers, restored = net.layers(), []
+    for name in names if isinstance(names, list) else []:
+        layer = layers.get(name)
+        if isinstance(layer, (nn.Linear, nn.Conv2d)) and not isinstance(layer, (MaskedLinear, MaskedConv2d)):
+            masked = masked_from_dense(layer)
+            masked.prune_(masked.weight != 0)
+            net.replace_layer(name, masked)
+            restored.append(name)
+    return restored
+
 
 # ------------------------------------------------------------------ import of the fast form
 # SparseLinear / SparseConv become pruned layers (mask = stored non-zeros), so a fast-form file can be

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import converters
 
-from . import __version__, methods  # noqa: F401  (registers every method's emitters)
+from . import methods  # noqa: F401  (registers every method's emitters)
+from ._version import __version__
 
 FORMS = ("portable", "fast")
 

@@ -1,0 +1,73 @@
+"""The base of every compression method: CompressionPass and the pass registry (see toolchain.methods)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch.nn as nn
+
+from converters.registry import Registry
+
+from ..errors import RecipeError
+from ..train import TrainHooks
+
+PASSES: Registry[type["CompressionPass"]] = Registry("compression pass")
+
+
+def register_pass(name: str):
+    """Class decorator: register a CompressionPass subclass under the recipe name `name` (once)."""
+
+    def deco(cls):
+        cls.name = name
+        return PASSES.add(name, cls)
+
+    return deco
+
+
+def get_pass(name: str) -> type["CompressionPass"]:
+    if name not in PASSES:
+        raise RecipeError(f"unknown pass {name!r}; available: {', '.join(available_passes())}")
+    return PASSES[name]
+
+
+def available_passes() -> list[str]:
+    return sorted(PASSES)
+
+
+@dataclasses.dataclass
+class NoOptions:
+    pass
+
+
+class CompressionPass:
+    """Base class. Subclasses set Options/LayerOptions and implement `apply`."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    LayerOptions: ClassVar[type] = NoOptions
+    # Which layer kinds a pass can handle: nn.Linear and/or nn.Conv2d subclasses.
+    layer_types: ClassVar[tuple[type, ...]] = (nn.Linear, nn.Conv2d)
+
+    def __init__(self, options, layer_options: dict[str, object]):
+        self.options = options
+        self.layer_options = layer_options  # layer name -> LayerOptions ("default" already expanded)
+
+    @property
+    def rounds(self) -> int:
+        return int(getattr(self.options, "rounds", 1))
+
+    def apply(self, net: nn.Module, round_index: int) -> None:
+        """Compress `net` in place for round `round_index` (0-based)."""
+        raise NotImplementedError
+
+    def hooks(self, net: nn.Module) -> TrainHooks:
+        """Hooks for retraining after a round (regulariser, after-step projection, teacher)."""
+        return TrainHooks()
+
+    def finish(self, net: nn.Module) -> None:
+        """Called once after the last round's retraining (e.g. to remove dead neurons)."""
+
+    def summary(self, net: nn.Module) -> list[str]:
+        """Short lines describing what the pass did, for the run log."""
+        return []
+
