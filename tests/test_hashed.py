@@ -287,7 +287,7 @@ def test_export_hashed_conv_net(tmp_path):
 def test_compress_lenet300_end_to_end(tmp_path, lenet300_path, mnist_small):
     from converters import import_onnx
     from toolchain.driver import compress_network
-    from toolchain.evaluate import evaluate_onnx
+    from toolchain.accuracy import evaluate_onnx
     from toolchain.exporter import export_compressed
 
     net = import_onnx(lenet300_path)

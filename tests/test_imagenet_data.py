@@ -180,7 +180,7 @@ def test_one_alexnet_sgd_step_on_an_image_folder(imagenet_dir):
 def test_onnx_eval_on_an_image_folder(imagenet_dir, tmp_path):
     """`toolchain eval --dataset imagenet` scores a colour classifier perfectly on the val folder."""
     from toolchain.cli import main
-    from toolchain.evaluate import evaluate_onnx
+    from toolchain.accuracy import evaluate_onnx
 
     class ColourNet(nn.Module):
         def forward(self, x):  # logits of (red, green, blue, 0, 0, 0): BGR input, so channels 2, 1, 0

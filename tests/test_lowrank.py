@@ -264,7 +264,7 @@ def test_export_matches_torch_and_stores_the_factors(tmp_path, model, table):
 def test_finetuning_end_to_end(tmp_path, lenet300_path, mnist_small):
     from converters import import_onnx
     from toolchain.driver import compress_network
-    from toolchain.evaluate import evaluate_onnx
+    from toolchain.accuracy import evaluate_onnx
     from toolchain.exporter import export_compressed
 
     net = import_onnx(lenet300_path)

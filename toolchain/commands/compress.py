@@ -40,7 +40,7 @@ def run(args) -> int:
     from .. import distributed as dist_
     from ..driver import compress_network, load_training_data
     from ..errors import ToolchainError
-    from ..evaluate import evaluate_onnx
+    from ..accuracy import evaluate_onnx
     from ..exporter import export_compressed
     from ..measure import format_comparison, measure
     from ..recipe import load_recipe
