@@ -249,3 +249,17 @@ def _imported_modules(path: Path) -> set[str]:
 def test_tools_and_commands_use_only_the_public_api(path):
     private = _imported_modules(path) - PUBLIC_MODULES
     assert not private, f"{path.name} imports internal modules {sorted(private)}"
+
+
+@pytest.mark.parametrize("folder", ["lenet-300-100", "lenet-5"])
+def test_model_cards_name_the_inputs_the_files_have(folder):
+    import re
+
+    import onnx
+
+    card = (ROOT / "models" / folder / "README.md").read_text()
+    name = re.search(r"^\| input \| `([^`]+)`", card, re.M).group(1)
+    for path in sorted((ROOT / "models" / folder).glob("*.onnx")):
+        model = onnx.load(str(path), load_external_data=False)
+        inits = {i.name for i in model.graph.initializer}
+        assert [i.name for i in model.graph.input if i.name not in inits] == [name], path.name
