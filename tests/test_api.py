@@ -263,3 +263,9 @@ def test_model_cards_name_the_inputs_the_files_have(folder):
         model = onnx.load(str(path), load_external_data=False)
         inits = {i.name for i in model.graph.initializer}
         assert [i.name for i in model.graph.input if i.name not in inits] == [name], path.name
+
+
+def test_shipped_files_carry_their_records():
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "record_metadata.py"), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("ok ") >= 12
