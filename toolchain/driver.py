@@ -45,8 +45,13 @@ def round_seed(seed: int, stage: int, rnd: int) -> int:
     return int(np.random.default_rng([seed, stage, rnd]).integers(2**31))
 
 
-def load_training_data(recipe: Recipe, data_dir=None, input_shape=None, num_workers: int | None = None):
-    """(train_x, train_y, test_x, test_y): arrays for MNIST; for ImageNet, data sources with y = None.
+def load_training_data(recipe: Recipe, data_dir=None, input_shape=None, num_workers: int | None = None,
+                       val_split: int | float | None = None):
+    """(train_x, train_y, eval_x, eval_y): arrays for MNIST; for ImageNet, data sources with y = None.
+
+    MNIST: training on the training set minus its validation split (default: the data package's 10k
+    validation images; `val_split` images or a fraction of them for IDX folders), evaluation (and every
+    choice made on it) on the validation split; the test set is left for one final measurement.
 
     ImageNet reads DIR/train and DIR/val (a folder per class, or train.txt / val.txt file lists);
     `input_shape` (e.g. [N, 3, 227, 227]) gives the crop size.
@@ -54,8 +59,7 @@ def load_training_data(recipe: Recipe, data_dir=None, input_shape=None, num_work
     if recipe.dataset == "mnist":
         from .data import load_mnist
 
-        d = load_mnist(data_dir)
-        return d.train_x, d.train_y, d.test_x, d.test_y
+        return load_mnist(data_dir).holdout(val_split)
     from .data.imagenet import crop_size, open_imagenet
 
     if data_dir is None:

