@@ -110,9 +110,11 @@ def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = 
                     hooks = p.hooks(net)
                     if teacher is not None and hooks.teacher is None and cfg.distill_temperature > 0:
                         hooks.teacher = teacher
+                    # a pass may bring its own optimiser (sparse_vd: Adam); the caller's comes first
+                    opt_fn = make_optimizer or getattr(p, "optimizer_factory", lambda: None)()
                     train(model, train_x, train_y, cfg, hooks,
                           desc=f"{p.name} stage {si + 1} round {r + 1}/{p.rounds}", progress=progress,
-                          make_optimizer=make_optimizer, loss_fn=loss_fn)
+                          make_optimizer=opt_fn, loss_fn=loss_fn)
             else:
                 p.finish(net)
             dist_.sync_module_state(net, f"network after {p.name} stage {si + 1} "

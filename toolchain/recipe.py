@@ -143,6 +143,12 @@ def recipe_from_dict(data: dict, path: str = "<recipe>") -> Recipe:
         if only not in ("all", "conv", "fc"):
             raise RecipeError(f"{where}: only must be 'all', 'conv' or 'fc', not {only!r}")
         recipe.stages.append(Stage(i, pass_cls, options, layers, retrain, only, final))
+    for st in recipe.stages:  # methods in an order that cannot compose (e.g. splicing after weight sharing)
+        for prev in recipe.stages[: st.index]:
+            if prev.pass_cls.name in getattr(st.pass_cls, "cannot_follow", ()):
+                raise RecipeError(f"{path}: stage {st.index + 1} ({st.pass_cls.name}) cannot follow stage "
+                                  f"{prev.index + 1} ({prev.pass_cls.name}): {st.pass_cls.name} moves individual "
+                                  f"weights, which {prev.pass_cls.name} has tied or factored; put it first")
     recipe.source = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
     return recipe
 
