@@ -69,7 +69,7 @@ def run(args) -> int:
         err_after = toolchain.evaluate(args.output, args.data, dataset=recipe.dataset).error
         which = "validation error" if recipe.dataset == "mnist" else "error"
         print(f"{which}: {100 * result.error_before:.2f}% before, {100 * result.error_after:.2f}% after; "
-              f"test error (measured once): {100 * err_after:.2f}% (exported {args.output}, {args.form} form)")
+              f"test error: {100 * err_after:.2f}% (measured once; exported {args.output}, {args.form} form)")
     else:
         print(f"test error: not measured (no --data); exported {args.output}, {args.form} form")
     for line in result.lines:
