@@ -7,6 +7,13 @@ seeded from (recipe seed, stage, round), so a resumed run ends exactly where an 
 Under torchrun (toolchain.distributed.init_from_env()) every process runs the driver: passes are
 applied identically on every rank, then rank 0's weights and masks are broadcast; retraining is
 data-parallel; only rank 0 writes the checkpoint.
+
+Devices: the network lives on the run device (`device=`, or the rank's GPU under torchrun) from the
+start to the end of the run: retraining, evaluation, the cross-rank checks and broadcasts all run
+there. A pass's apply()/finish() is host code (thresholds, SVD, numpy hash tables, layer surgery),
+so it runs on the network moved to the CPU and the network goes back to the device right after
+(milliseconds, a few times per run). Checkpoints are read to the CPU (`load_checkpoint`), so a run
+checkpointed on a GPU resumes on a CPU and the other way round.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ from . import distributed as dist_
 from .errors import DataError
 from .fileio import atomic_path
 from .recipe import Recipe
-from .train import evaluate, train
+from .train import _param_device, _run_device, evaluate, load_checkpoint, train
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +46,12 @@ def round_seed(seed: int, stage: int, rnd: int) -> int:
     return int(np.random.default_rng([seed, stage, rnd]).integers(2**31))
 
 
-def load_training_data(recipe: Recipe, data_dir=None, input_shape=None, num_workers: int | None = None):
+def load_training_data(recipe: Recipe, data_dir=None, input_shape=None, num_workers: int | None = None,
+                       device=None):
     """(train_x, train_y, test_x, test_y): arrays for MNIST; for ImageNet, data sources with y = None.
 
     ImageNet reads DIR/train and DIR/val (a folder per class, or train.txt / val.txt file lists);
-    `input_shape` (e.g. [N, 3, 227, 227]) gives the crop size.
+    `input_shape` (e.g. [N, 3, 227, 227]) gives the crop size; a CUDA `device` pins the loaders' batches.
     """
     if recipe.dataset == "mnist":
         from .data import load_mnist
@@ -56,24 +64,34 @@ def load_training_data(recipe: Recipe, data_dir=None, input_shape=None, num_work
         raise DataError("ImageNet retraining needs --data DIR holding train/ and val/ (a folder per class; "
                         "see docs/scaling.md)")
     crop = crop_size(input_shape) if input_shape is not None else 227
-    train_src = open_imagenet(data_dir, crop, train=True, split="train", require_split=True, num_workers=num_workers)
-    val_src = open_imagenet(data_dir, crop, train=False, split="val", require_split=True, num_workers=num_workers)
+    pin = None if device is None else torch.device(device).type == "cuda"
+    train_src = open_imagenet(data_dir, crop, train=True, split="train", require_split=True, num_workers=num_workers,
+                              pin_memory=pin)
+    val_src = open_imagenet(data_dir, crop, train=False, split="val", require_split=True, num_workers=num_workers,
+                            pin_memory=pin)
     return train_src, None, val_src, None
 
 
 def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = None, resume: bool = False,
-                     progress: bool = True, teacher=None) -> CompressResult:
-    """Run every stage of `recipe` on the imported network `net` (modified in place)."""
+                     progress: bool = True, teacher=None, device=None) -> CompressResult:
+    """Run every stage of `recipe` on the imported network `net` (modified in place).
+
+    `device`: "cpu", "cuda", "cuda:N", "auto" or a torch.device (default: the rank's device under
+    torchrun, else where `net` is). The result's network is returned on the device `net` came on.
+    """
     train_x, train_y, test_x, test_y = data if data is not None else (None,) * 4
+    home, dev = _param_device(net), _run_device(net, device)
     # Resolve every stage's layers up front, so a bad layer name fails before any training.
     passes = [stage.make_pass(net) for stage in recipe.stages]
     done = (-1, -1)  # last finished (stage, round); round == rounds means finish() ran
     if resume and checkpoint and Path(checkpoint).exists():
-        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
+        state = load_checkpoint(checkpoint)
         net, passes, done = state["net"], state["passes"], tuple(state["done"])
         error_before = state["error_before"]
         log.info("resuming after stage %d round %d", done[0] + 1, done[1] + 1)
+        net.to(dev)
     else:
+        net.to(dev)
         error_before = evaluate(net, test_x, test_y) if test_x is not None else None
     for si, (stage, p) in enumerate(zip(recipe.stages, passes)):
         for r in range(p.rounds + 1):  # the extra step is finish()
@@ -81,22 +99,32 @@ def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = 
                 continue
             if r < p.rounds:
                 torch.manual_seed(round_seed(recipe.seed, si, r))
-                p.apply(net, r)
+                _on_host(net, dev, p.apply, r)
                 dist_.sync_module_state(net, f"network after {p.name} stage {si + 1} round {r + 1}")
                 cfg = dataclasses.replace(stage.retrain_for(r, p.rounds), seed=round_seed(recipe.seed, si, r))
                 if cfg.epochs > 0 and train_x is not None:
                     hooks = p.hooks(net)
                     if teacher is not None and hooks.teacher is None and cfg.distill_temperature > 0:
                         hooks.teacher = teacher
-                    train(net, train_x, train_y, cfg, hooks,
+                    train(net, train_x, train_y, cfg, hooks, device=dev,
                           desc=f"{p.name} stage {si + 1} round {r + 1}/{p.rounds}", progress=progress)
             else:
-                p.finish(net)
+                _on_host(net, dev, p.finish)
             dist_.sync_module_state(net, f"network after {p.name} stage {si + 1} "
                                          f"{'finish' if r == p.rounds else f'round {r + 1}'}")
             if checkpoint and dist_.is_main():
                 with atomic_path(checkpoint) as tmp:
                     torch.save({"net": net, "passes": passes, "done": (si, r), "error_before": error_before}, tmp)
     error_after = evaluate(net, test_x, test_y) if test_x is not None else None
+    net.to(home)
     lines = [line for p in passes for line in p.summary(net)]
     return CompressResult(net, error_before, error_after, lines)
+
+
+def _on_host(net, dev: torch.device, fn, *args) -> None:
+    """Run a pass's host-side step `fn(net, *args)` with `net` on the CPU, then put `net` back on `dev`
+    (with any layer the step created)."""
+    if dev.type != "cpu":
+        net.to("cpu")
+    fn(net, *args)
+    net.to(dev)

@@ -12,6 +12,8 @@ def add_arguments(p):
     p.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
     p.add_argument("-o", "--output", default="sensitivity.png", help="PNG plot to write (table goes to stdout)")
     p.add_argument("--data", metavar="DIR", default=None)
+    p.add_argument("--device", default="auto", metavar="cpu|cuda|cuda:N|auto",
+                   help="where to evaluate (default auto: the GPU when there is one, else the CPU)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -19,10 +21,12 @@ def run(args) -> int:
     from converters import import_onnx
 
     from ..data import load_mnist
+    from ..distributed import resolve_device
     from ..errors import ToolchainError
     from ..plots import sensitivity_plot
     from ..sensitivity import DEFAULT_DENSITIES, format_sensitivity, sensitivity
 
+    device = resolve_device(args.device)  # a bad --device fails here, before any work
     densities = DEFAULT_DENSITIES
     if args.densities:
         try:
@@ -38,7 +42,8 @@ def run(args) -> int:
         if name not in net.layers():
             raise ToolchainError(f"layer {name!r} is not in the model (layers: {', '.join(net.layers())})")
     d = load_mnist(args.data)
-    results, base = sensitivity(net, d.test_x, d.test_y, densities, layers, progress=not args.no_progress)
+    results, base = sensitivity(net, d.test_x, d.test_y, densities, layers, progress=not args.no_progress,
+                                device=device)
     print(format_sensitivity(results, base))
     print(f"wrote {sensitivity_plot(results, Path(args.output), base)}")
     return 0
