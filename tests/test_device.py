@@ -550,3 +550,13 @@ def _same_state(a: dict, b: dict):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_train_refuses_a_device_other_than_its_process_device(monkeypatch):
+    from toolchain import train as train_mod
+
+    monkeypatch.setattr(dist_, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist_, "_device", torch.device("cpu"))
+    with pytest.raises(ToolchainError, match="is not this process's device cpu"):
+        train_mod._run_device(nn.Linear(2, 2), torch.device("cuda", 0))
+    assert train_mod._run_device(nn.Linear(2, 2), torch.device("cpu")) == torch.device("cpu")

@@ -139,7 +139,11 @@ def _run_device(model: nn.Module, device=None) -> torch.device:
     """Where to compute: `device` if given (see distributed.resolve_device), else this rank's device under
     torchrun, else wherever the model already is."""
     if device is not None:
-        return device if isinstance(device, torch.device) else dist_.resolve_device(device)
+        resolved = isinstance(device, torch.device) and (device.type == "cpu" or device.index is not None)
+        dev = device if resolved else dist_.resolve_device(device)
+        if dist_.is_distributed() and dev != dist_.device():
+            raise ToolchainError(f"device {dev} is not this process's device {dist_.device()} (set by init_from_env)")
+        return dev
     return dist_.device() if dist_.is_distributed() else _param_device(model)
 
 
