@@ -20,13 +20,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-import toolchain.compress as compress_mod
+import toolchain.driver as compress_mod
 from toolchain import distributed as dist_
 from toolchain.cli import main
 from toolchain.errors import RecipeError, ToolchainError
-from toolchain.layers.hashed import HashedLinear
-from toolchain.layers.masked import masked_from_dense
-from toolchain.passes.prune import density_keep
+from toolchain.methods.hashed import HashedLinear
+from toolchain.methods.prune import masked_from_dense
+from toolchain.methods.prune.passes import density_keep
 from toolchain.recipe import parse_recipe
 from toolchain.train import TrainConfig, TrainHooks, evaluate, load_checkpoint, train
 from toolchain.zoo import create_model
@@ -294,11 +294,11 @@ def test_driver_keeps_the_network_on_its_device_and_applies_passes_on_the_host(l
         seen.append(("train", device, {p.device.type for p in net.parameters()}))
         return real_train(net, *a, device=device, **k)
 
-    def spy_on_host(net, dev, fn, *args):
+    def spy_on_host(dev, net, model, fn, *args):
         def wrapped(n, *a):
             seen.append(("apply", None, {p.device.type for p in n.parameters()}))
             return fn(n, *a)
-        real_on_host(net, dev, wrapped, *args)
+        real_on_host(dev, net, model, wrapped, *args)
         seen.append(("after", dev, {p.device.type for p in net.parameters()}))
 
     monkeypatch.setattr(compress_mod, "train", spy_train)
@@ -407,7 +407,7 @@ def tiny_imagenet(tmp_path):
 
 @pytest.mark.parametrize("device, pinned", [("cuda", True), ("cuda:1", True), ("cpu", False)])
 def test_loader_pins_batches_when_the_device_is_cuda(tiny_imagenet, monkeypatch, device, pinned):
-    from toolchain.compress import load_training_data
+    from toolchain.driver import load_training_data
     from toolchain.recipe import Recipe
 
     seen = []

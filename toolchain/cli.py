@@ -11,7 +11,7 @@ import logging
 import pkgutil
 import sys
 
-from . import __version__
+from ._version import __version__
 from .errors import ToolchainError
 
 

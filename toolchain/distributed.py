@@ -6,7 +6,7 @@ Where things run (issue 16):
     node than GPUs) with a ToolchainError before any work. Under torchrun, "cuda" / "auto" mean
     cuda:LOCAL_RANK: one GPU per process.
   * The network, its masks / hash tables / factors, and the optimiser state live on that device
-    for the whole run (toolchain.compress moves the network there once; a checkpoint is read to the
+    for the whole run (toolchain.driver moves the network there once; a checkpoint is read to the
     CPU and moved there, so it resumes on either kind of device and any process count).
   * `init_from_env()` joins the process group torchrun describes with the backend for that device
     (`backend_for`): "gloo" for CPU processes; "cpu:gloo,cuda:nccl" for GPU processes, so every

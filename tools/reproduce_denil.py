@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from converters import import_onnx  # noqa: E402
-from toolchain.compress import compress_network  # noqa: E402
+from toolchain.driver import compress_network  # noqa: E402
 from toolchain.data import load_mnist  # noqa: E402
-from toolchain.layers.lowrank import fan_in  # noqa: E402
+from toolchain.methods.lowrank.layers import fan_in  # noqa: E402
 from toolchain.recipe import parse_recipe  # noqa: E402
 from toolchain.train import evaluate  # noqa: E402
 from toolchain.zoo import get_model_spec  # noqa: E402
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     print(table(results))
     print(f"total time {results['total_seconds'] / 60:.1f} min")
     if args.json:
-        from toolchain.fileio import atomic_write_bytes
+        from converters.fileio import atomic_write_bytes
 
         atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
     return 0

@@ -43,10 +43,10 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toolchain.data import load_mnist  # noqa: E402
-from toolchain.layers.hashed import HashedLinear  # noqa: E402
-from toolchain.layers.lowrank import LowRankLinear, random_factors  # noqa: E402
-from toolchain.layers.masked import masked_from_dense  # noqa: E402
-from toolchain.passes.baselines import equivalent_width, hashed_mlp, mlp, mlp_weights, random_keep_mask  # noqa: E402
+from toolchain.methods.hashed.layers import HashedLinear  # noqa: E402
+from toolchain.methods.lowrank.layers import LowRankLinear, random_factors  # noqa: E402
+from toolchain.methods.prune.layers import masked_from_dense  # noqa: E402
+from toolchain.methods.hashed.baselines import equivalent_width, hashed_mlp, mlp, mlp_weights, random_keep_mask  # noqa: E402
 from toolchain.errors import TrainingDiverged  # noqa: E402
 from toolchain.train import TrainConfig, TrainHooks, evaluate, train  # noqa: E402
 
@@ -149,7 +149,7 @@ def run(args) -> dict:
 
     def save() -> None:
         if json_path:
-            from toolchain.fileio import atomic_write_bytes
+            from converters.fileio import atomic_write_bytes
 
             results["total_seconds"] = sum(r["seconds"] for r in results["runs"].values())
             atomic_write_bytes(json_path, json.dumps(results, indent=2).encode())

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from toolchain.cli import main as toolchain_main
-from toolchain.evaluate import evaluate_onnx
+from toolchain.accuracy import evaluate_onnx
 from toolchain.measure import measure
 from toolchain.zoo import get_model_spec
 

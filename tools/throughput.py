@@ -94,8 +94,8 @@ class FixedBatches:
 
 
 def pruned_alexnet(dev: torch.device):
-    from toolchain.layers.masked import masked_from_dense
-    from toolchain.passes.prune import density_keep
+    from toolchain.methods.prune import masked_from_dense
+    from toolchain.methods.prune.passes import density_keep
     from toolchain.zoo import create_model
 
     torch.manual_seed(0)
@@ -241,7 +241,7 @@ def cmd_loader(args) -> int:
 
 # ----------------------------------------------------------------- a compressed file's result
 def cmd_result(args) -> int:
-    from toolchain.evaluate import evaluate_onnx
+    from toolchain.accuracy import evaluate_onnx
     from toolchain.measure import measure
 
     (_, bt), (_, at) = measure(args.dense), measure(args.compressed)

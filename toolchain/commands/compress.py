@@ -42,10 +42,10 @@ def run(args) -> int:
     from converters import import_onnx
 
     from .. import distributed as dist_
-    from ..compress import compress_network, load_training_data
+    from ..driver import compress_network, load_training_data
     from ..errors import ToolchainError
-    from ..evaluate import evaluate_onnx
-    from ..export import export_compressed
+    from ..accuracy import evaluate_onnx
+    from ..exporter import export_compressed
     from ..measure import format_comparison, measure
     from ..recipe import load_recipe
 

@@ -1,5 +1,5 @@
 """toolchain eval MODEL.onnx — top-1 error in onnxruntime on MNIST test (or an ImageNet-style folder)."""
-from ..evaluate import evaluate_onnx
+from ..accuracy import evaluate_onnx
 
 NAME = "eval"
 HELP = "evaluate an ONNX model's accuracy in onnxruntime"

@@ -21,8 +21,8 @@ def run(args) -> int:
     from converters import import_onnx
 
     from ..errors import ToolchainError
-    from ..export import export_compressed
-    from ..layers.masked import masked_from_dense
+    from ..exporter import export_compressed
+    from ..methods.prune.layers import masked_from_dense
     from ..measure import format_comparison, measure
 
     if not 0 < args.max_density <= 1:

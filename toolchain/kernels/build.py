@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from toolchain.errors import ToolchainError
-from toolchain.fileio import atomic_path
+from converters.fileio import atomic_path
 
 KERNELS_DIR = Path(__file__).resolve().parent
 SOURCE_DIR = KERNELS_DIR / "csrc"

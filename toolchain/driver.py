@@ -27,7 +27,7 @@ import torch
 
 from . import distributed as dist_
 from .errors import DataError
-from .fileio import atomic_path
+from converters.fileio import atomic_path
 from .recipe import Recipe
 from .train import _param_device, _run_device, evaluate, load_checkpoint, train
 
@@ -40,6 +40,12 @@ class CompressResult:
     error_before: float | None  # None when run without data (--no-retrain)
     error_after: float | None
     lines: list[str]
+
+
+def _restore_layers(net, saved) -> None:
+    """Swap the checkpoint's layers (compressed types included) into the Network bound to the user's module."""
+    for name, layer in saved.layers().items():
+        net.replace_layer(name, layer)
 
 
 def round_seed(seed: int, stage: int, rnd: int) -> int:
@@ -73,58 +79,76 @@ def load_training_data(recipe: Recipe, data_dir=None, input_shape=None, num_work
 
 
 def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = None, resume: bool = False,
-                     progress: bool = True, teacher=None, device=None) -> CompressResult:
-    """Run every stage of `recipe` on the imported network `net` (modified in place).
+                     progress: bool = True, teacher=None, model: torch.nn.Module | None = None,
+                     make_optimizer=None, loss_fn=None, device=None) -> CompressResult:
+    """Run every stage of `recipe` on the network `net` (modified in place).
 
+    `model` is the module trained and evaluated, when `net` is the Network traced from it
+    (converters.torch_import: they share their layers); by default `net` itself.
+    `make_optimizer` / `loss_fn` replace the default SGD and cross-entropy (see toolchain.train.train).
     `device`: "cpu", "cuda", "cuda:N", "auto" or a torch.device (default: the rank's device under
-    torchrun, else where `net` is). The result's network is returned on the device `net` came on.
+    torchrun, else where the model is). The network is returned on the device it came on.
     """
+    model = net if model is None else model
     train_x, train_y, test_x, test_y = data if data is not None else (None,) * 4
-    home, dev = _param_device(net), _run_device(net, device)
+    home, dev = _param_device(model), _run_device(model, device)
     # Resolve every stage's layers up front, so a bad layer name fails before any training.
     passes = [stage.make_pass(net) for stage in recipe.stages]
     done = (-1, -1)  # last finished (stage, round); round == rounds means finish() ran
     if resume and checkpoint and Path(checkpoint).exists():
         state = load_checkpoint(checkpoint)
-        net, passes, done = state["net"], state["passes"], tuple(state["done"])
+        passes, done = state["passes"], tuple(state["done"])
+        if model is net:
+            net = model = state["net"]
+        else:  # the user's module: its compressed layers from the checkpoint, then all its weights
+            _restore_layers(net, state["net"])
+            model.load_state_dict(state["model"])
         error_before = state["error_before"]
         log.info("resuming after stage %d round %d", done[0] + 1, done[1] + 1)
-        net.to(dev)
+        _to(dev, net, model)
     else:
-        net.to(dev)
-        error_before = evaluate(net, test_x, test_y) if test_x is not None else None
+        _to(dev, net, model)
+        error_before = evaluate(model, test_x, test_y) if test_x is not None else None
     for si, (stage, p) in enumerate(zip(recipe.stages, passes)):
         for r in range(p.rounds + 1):  # the extra step is finish()
             if (si, r) <= done:
                 continue
             if r < p.rounds:
                 torch.manual_seed(round_seed(recipe.seed, si, r))
-                _on_host(net, dev, p.apply, r)
+                _on_host(dev, net, model, p.apply, r)
                 dist_.sync_module_state(net, f"network after {p.name} stage {si + 1} round {r + 1}")
                 cfg = dataclasses.replace(stage.retrain_for(r, p.rounds), seed=round_seed(recipe.seed, si, r))
                 if cfg.epochs > 0 and train_x is not None:
                     hooks = p.hooks(net)
                     if teacher is not None and hooks.teacher is None and cfg.distill_temperature > 0:
                         hooks.teacher = teacher
-                    train(net, train_x, train_y, cfg, hooks, device=dev,
-                          desc=f"{p.name} stage {si + 1} round {r + 1}/{p.rounds}", progress=progress)
+                    train(model, train_x, train_y, cfg, hooks, device=dev,
+                          desc=f"{p.name} stage {si + 1} round {r + 1}/{p.rounds}", progress=progress,
+                          make_optimizer=make_optimizer, loss_fn=loss_fn)
             else:
-                _on_host(net, dev, p.finish)
+                _on_host(dev, net, model, p.finish)
             dist_.sync_module_state(net, f"network after {p.name} stage {si + 1} "
                                          f"{'finish' if r == p.rounds else f'round {r + 1}'}")
             if checkpoint and dist_.is_main():
                 with atomic_path(checkpoint) as tmp:
-                    torch.save({"net": net, "passes": passes, "done": (si, r), "error_before": error_before}, tmp)
-    error_after = evaluate(net, test_x, test_y) if test_x is not None else None
-    net.to(home)
+                    torch.save({"net": net, "passes": passes, "done": (si, r), "error_before": error_before,
+                                "model": model.state_dict() if model is not net else None}, tmp)
+    error_after = evaluate(model, test_x, test_y) if test_x is not None else None
+    _to(home, net, model)
     lines = [line for p in passes for line in p.summary(net)]
     return CompressResult(net, error_before, error_after, lines)
 
 
-def _on_host(net, dev: torch.device, fn, *args) -> None:
-    """Run a pass's host-side step `fn(net, *args)` with `net` on the CPU, then put `net` back on `dev`
+def _to(dev, net, model) -> None:
+    net.to(dev)
+    if model is not net:  # the user's module: its layers are net's, but it may hold more
+        model.to(dev)
+
+
+def _on_host(dev: torch.device, net, model, fn, *args) -> None:
+    """Run a pass's host-side step `fn(net, *args)` with the network on the CPU, then put it back on `dev`
     (with any layer the step created)."""
     if dev.type != "cpu":
-        net.to("cpu")
+        _to("cpu", net, model)
     fn(net, *args)
-    net.to(dev)
+    _to(dev, net, model)
