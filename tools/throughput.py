@@ -129,6 +129,8 @@ def step_throughput(dev: torch.device, batch: int, precision: str, warmup: int, 
 def cmd_step(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.warmup < 1 or args.steps < 1:
+        raise SystemExit("--warmup and --steps must be at least 1")
     dev = dist_.resolve_device(args.device)
     for precision in args.precision.split(","):
         ips = step_throughput(dev, args.batch, precision, args.warmup, args.steps)
