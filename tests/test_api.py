@@ -220,3 +220,32 @@ def test_imports_go_one_way():
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
     assert "upward imports: 0" in out.stdout and "cycle: none" in out.stdout
+
+
+# The public face: `toolchain` itself and these modules (documented in README "Python API"); the rest of
+# the package (driver, exporter, train, recipe, runtime, measure, accuracy, api) is internal.
+PUBLIC_MODULES = {"toolchain", "toolchain.methods", "toolchain.methods.prune", "toolchain.methods.lowrank",
+                  "toolchain.methods.hashed", "toolchain.kernels", "toolchain.data", "toolchain.zoo", "toolchain.bench",
+                  "toolchain.plots", "toolchain.sensitivity", "toolchain.distributed", "toolchain.cli",
+                  "toolchain.errors", "converters", "converters.caffe"}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            raise AssertionError(f"{path.name}: relative import (from {'.' * node.level}{node.module or ''})")
+    return {m for m in out if m.split(".")[0] in ("toolchain", "converters")}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tools").glob("*.py")) + sorted((ROOT / "toolchain" / "commands").glob("*.py")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_tools_and_commands_use_only_the_public_api(path):
+    private = _imported_modules(path) - PUBLIC_MODULES
+    assert not private, f"{path.name} imports internal modules {sorted(private)}"

