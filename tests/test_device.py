@@ -560,3 +560,16 @@ def test_train_refuses_a_device_other_than_its_process_device(monkeypatch):
     with pytest.raises(ToolchainError, match="is not this process's device cpu"):
         train_mod._run_device(nn.Linear(2, 2), torch.device("cuda", 0))
     assert train_mod._run_device(nn.Linear(2, 2), torch.device("cpu")) == torch.device("cpu")
+
+
+def test_python_api_compress_takes_a_device(monkeypatch, mnist_small, lenet300_path, no_torchrun):
+    import toolchain
+
+    fake_gpus(monkeypatch, 0)
+    model = toolchain.load(lenet300_path)
+    recipe = {"stage": [{"pass": "prune", "rounds": 1, "layers": {"default": {"density": 0.5}},
+                         "retrain": {"epochs": 0.05, "batch_size": 100, "lr": 0.01}}]}
+    with pytest.raises(ToolchainError, match="no CUDA GPU is available"):
+        toolchain.compress(model, recipe, data=mnist_small, device="cuda", progress=False)
+    res = toolchain.compress(model, recipe, data=mnist_small, device="cpu", progress=False)
+    assert res.error_after < 0.1 and next(res.network.parameters()).device.type == "cpu"
