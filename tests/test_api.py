@@ -249,3 +249,36 @@ def _imported_modules(path: Path) -> set[str]:
 def test_tools_and_commands_use_only_the_public_api(path):
     private = _imported_modules(path) - PUBLIC_MODULES
     assert not private, f"{path.name} imports internal modules {sorted(private)}"
+
+
+@pytest.mark.parametrize("folder", ["lenet-300-100", "lenet-5"])
+def test_model_cards_name_the_inputs_the_files_have(folder):
+    import re
+
+    import onnx
+
+    card = (ROOT / "models" / folder / "README.md").read_text()
+    name = re.search(r"^\| input \| `([^`]+)`", card, re.M).group(1)
+    for path in sorted((ROOT / "models" / folder).glob("*.onnx")):
+        model = onnx.load(str(path), load_external_data=False)
+        inits = {i.name for i in model.graph.initializer}
+        assert [i.name for i in model.graph.input if i.name not in inits] == [name], path.name
+
+
+def test_shipped_files_carry_their_records():
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "record_metadata.py"), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("ok ") >= 12
+
+
+def test_every_command_help_ends_with_an_example(capsys):
+    from toolchain.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    for name in [*COMMANDS, None]:
+        argv = [name.rstrip("_"), "--help"] if name else ["--help"]
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        text = capsys.readouterr().out.rstrip()
+        last = text.split("\n\n")[-1]
+        assert last.startswith("example") and "toolchain " in last, f"{argv}: {last[:200]}"

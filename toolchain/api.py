@@ -19,7 +19,6 @@ same forward; BatchNorm and Dropout stay as they are while it retrains).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from .exporter import FORMS, export_compressed
 from .recipe import Recipe, load_recipe
 
 __all__ = ["compress", "export", "load", "evaluate", "info", "read_onnx", "session", "fit", "import_caffe", "file_metadata",
-           "CompressionResult", "ModelInfo"]
+           "set_metadata", "CompressionResult", "ModelInfo"]
 
 METADATA_PRODUCER = "ai.toolchain.producer"
 METADATA_RECIPE = "ai.toolchain.recipe"
@@ -81,10 +80,15 @@ class CompressionResult:
         return meta
 
 
+_ORIGINAL_TOTALS = ("params", "nnz", "macs_dense", "macs", "stored", "stored_bytes", "file_bytes")
+
+
 def original_record(measured: tuple) -> str:
-    """The dense original's measurement as JSON, for a compressed file to report against later."""
+    """The dense original's measurement as compact JSON (what a comparison reads of it: per layer its name,
+    weight shape, parameters and MACs; the totals), for a compressed file to report against later."""
     stats, totals = measured
-    return json.dumps({"layers": [dataclasses.asdict(st) for st in stats], "totals": totals}, sort_keys=True)
+    layers = [[st.name, st.op, list(st.weight_shape), st.params, st.macs_dense, st.stored_bytes] for st in stats]
+    return json.dumps({"layers": layers, "totals": [totals[k] for k in _ORIGINAL_TOTALS]}, separators=(",", ":"))
 
 
 def original_from_metadata(model: onnx.ModelProto) -> "ModelInfo | None":
@@ -96,9 +100,10 @@ def original_from_metadata(model: onnx.ModelProto) -> "ModelInfo | None":
         return None
     try:
         data = json.loads(record)
-        return ModelInfo([LayerStats(**{**d, "weight_shape": tuple(d["weight_shape"])}) for d in data["layers"]],
-                         data["totals"])
-    except (json.JSONDecodeError, KeyError, TypeError):
+        layers = [LayerStats(name, op, tuple(shape), params, params, params, stored, macs, macs)
+                  for name, op, shape, params, macs, stored in data["layers"]]
+        return ModelInfo(layers, dict(zip(_ORIGINAL_TOTALS, data["totals"])))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
 
 
@@ -441,3 +446,27 @@ def import_caffe(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | No
     if output is None:
         return convert_caffe(prototxt, caffemodel, **options)
     return _import(prototxt, caffemodel, output, **options)
+
+
+def set_metadata(path: str | os.PathLike, *, recipe: str | None = None, baseline: str | os.PathLike | None = None,
+                 test_error: float | None = None) -> dict[str, str]:
+    """Write the toolchain's records into an existing ONNX file (atomically; the graph is untouched):
+    the producer, the recipe text that made it, its measured test error and the dense `baseline`'s
+    measurement (what `info` and `toolchain export` report against). Returns the file's metadata."""
+    from converters import atomic_write_bytes
+
+    model = read_onnx(path)
+    records = {METADATA_PRODUCER: json.dumps({"name": "toolchain", "version": __version__})}
+    if recipe is not None:
+        records[METADATA_RECIPE] = recipe
+    if test_error is not None:
+        records[METADATA_ERROR] = f"{test_error:.6f}"
+    if baseline is not None:
+        records[METADATA_ORIGINAL] = original_record((lambda i: (i.layers, i.totals))(info(baseline)))
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta.update(records)
+    del model.metadata_props[:]
+    for key, value in sorted(meta.items()):
+        model.metadata_props.add(key=key, value=value)
+    atomic_write_bytes(path, model.SerializeToString())
+    return meta
