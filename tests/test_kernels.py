@@ -27,16 +27,21 @@ from toolchain.kernels import build as kbuild
 from toolchain.kernels import csr
 
 
-def _cpu_has_avx2_fma() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
-HAS_AVX2 = _cpu_has_avx2_fma()
-ISAS = ["portable"] + (["avx2"] if HAS_AVX2 else [])
+_FLAGS = _cpu_flags()
+HAS_AVX2 = {"avx2", "fma"} <= _FLAGS
+HAS_AVX512 = HAS_AVX2 and {"avx512f", "avx512bw", "avx512vl"} <= _FLAGS
+ISAS = ["portable"] + (["avx2"] if HAS_AVX2 else []) + (["avx512"] if HAS_AVX512 else [])
 
 
 @pytest.fixture(scope="session")

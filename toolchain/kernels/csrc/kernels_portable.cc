@@ -128,7 +128,42 @@ void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t r
   }
 }
 
-const KernelTable kTable = {"portable", spmv, spmm, transpose, spmm_offsets};
+// Packed rows: the column is a running sum of the 8-bit deltas; four partial sums.
+template <int KIND>
+void spmv_packed_t(const PackedRows& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y) {
+  const uint8_t* delta = w.delta;
+  const uint8_t* code = w.code;
+  const float* table = w.table;
+  for (int64_t m = m0; m < m1; ++m) {
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    const int64_t e0 = w.start[m], e1 = e0 + w.len[m];
+    int64_t col = 0;
+    for (int64_t e = e0; e < e1; ++e) {
+      col += delta[e];
+      float v;
+      if (KIND == kCodebook4)
+        v = table[(code[e >> 1] >> (4 * (e & 1))) & 15];
+      else if (KIND == kCodebook8)
+        v = table[code[e]];
+      else
+        v = static_cast<float>(static_cast<int8_t>(code[e]));
+      s[(e - e0) & 3] += v * x[col];
+    }
+    float t = (s[0] + s[1]) + (s[2] + s[3]);
+    if (KIND == kInt8) t *= w.scale[m];
+    y[m] = (bias ? bias[m] : 0.f) + t;
+  }
+}
+
+void spmv_packed(const PackedRows& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y) {
+  switch (w.kind) {
+    case kCodebook4: return spmv_packed_t<kCodebook4>(w, m0, m1, x, bias, y);
+    case kCodebook8: return spmv_packed_t<kCodebook8>(w, m0, m1, x, bias, y);
+    default: return spmv_packed_t<kInt8>(w, m0, m1, x, bias, y);
+  }
+}
+
+const KernelTable kTable = {"portable", spmv, spmm, transpose, spmm_offsets, spmv_packed};
 
 }  // namespace
 
