@@ -39,22 +39,24 @@ struct OffsetCsr {
   const float* val;
 };
 
-// Packed rows of the compact formats (SparseLinearCodebook / SparseLinearInt8), batch-1 layout.
-// Row m holds len[m] entries starting at entry start[m]. Entry e has column col(e) = col(e-1) +
-// delta[e] (col(start-1) = 0) and weight value v(e):
-//   kind kCodebook4: table[(code[e/2] >> 4*(e&1)) & 15]   (start[m] is even: rows begin on a byte)
+// Batch-1 layout of the compact formats (SparseLinearCodebook / SparseLinearInt8), rebuilt from the
+// file's delta-coded rows when the op is created: column blocks of block_cols columns (the x block
+// stays in L1, as for BlockedCsr), row-major segments. Segment (b, m) holds len[i] entries from
+// entry start[i], i = b*rows + m; entry e has column b*block_cols + idx[e] and value v(e):
+//   kind kCodebook4: table[(code[e/2] >> 4*(e&1)) & 15]   (start[i] is even: segments begin on a byte)
 //   kind kCodebook8: table[code[e]]
-//   kind kInt8:      static_cast<int8_t>(code[e]), and the row's sum is multiplied by scale[m].
-// Every column is < the matrix's column count (checked when the op is created); the arrays are
-// padded with 64 zero bytes past the last entry, so vector loads of deltas/codes may run over.
+//   kind kInt8:      static_cast<int8_t>(code[e]); each segment's sum is multiplied by scale[m].
+// idx/code are padded with 64 zero bytes past the last entry, so vector loads may run over.
 enum PackedKind { kCodebook4 = 0, kCodebook8 = 1, kInt8 = 2 };
 
 struct PackedRows {
   int64_t rows;
+  int64_t block_cols;
+  int64_t nblocks;
   int kind;
   const int64_t* start;
   const int32_t* len;
-  const uint8_t* delta;
+  const uint16_t* idx;
   const uint8_t* code;
   const float* table;  // codebook: 16 (kCodebook4) or 256 (kCodebook8) entries, unused ones zero
   const float* scale;  // kInt8: per-row scale
@@ -86,7 +88,8 @@ struct KernelTable {
   void (*spmm_offsets)(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base, int nv,
                        const float* bias, float* out, int64_t ldo);
 
-  // y[m] = bias[m] + (scale[m]) * sum_e v(e) x[col(e)] for m in [m0, m1). bias may be null.
+  // y[m] = bias[m] + sum over blocks of (scale[m] *) sum_e v(e) x[col(e)], m in [m0, m1), blocks in
+  // order. bias may be null.
   void (*spmv_packed)(const PackedRows& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y);
 };
 

@@ -216,14 +216,6 @@ void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t r
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + i] = src[i * lds + c];
 }
 
-// Inclusive prefix sum of eight 32-bit lanes.
-inline __m256i prefix8(__m256i d) {
-  d = _mm256_add_epi32(d, _mm256_slli_si256(d, 4));
-  d = _mm256_add_epi32(d, _mm256_slli_si256(d, 8));
-  const __m256i c = _mm256_permutevar8x32_epi32(d, _mm256_setr_epi32(0, 0, 0, 0, 3, 3, 3, 3));
-  return _mm256_add_epi32(d, _mm256_blend_epi32(_mm256_setzero_si256(), c, 0xF0));
-}
-
 // Weight values of the eight entries starting at e (e is even for kCodebook4).
 template <int KIND>
 inline __m256 values8(const PackedRows& w, int64_t e, __m256 t0, __m256 t1) {
@@ -245,49 +237,39 @@ inline __m256 values8(const PackedRows& w, int64_t e, __m256 t0, __m256 t1) {
 }
 
 template <int KIND>
+float value1(const PackedRows& w, int64_t e) {
+  if (KIND == kCodebook4) return w.table[(w.code[e >> 1] >> (4 * (e & 1))) & 15];
+  if (KIND == kCodebook8) return w.table[w.code[e]];
+  return static_cast<float>(static_cast<int8_t>(w.code[e]));
+}
+
+// Same structure as spmv: column-blocked segments, x gathered with scalar loads, 4 accumulators.
+template <int KIND>
 void spmv_packed_t(const PackedRows& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y) {
   const __m256 t0 = KIND == kCodebook4 ? _mm256_loadu_ps(w.table) : _mm256_setzero_ps();
   const __m256 t1 = KIND == kCodebook4 ? _mm256_loadu_ps(w.table + 8) : _mm256_setzero_ps();
-  const __m256i last = _mm256_set1_epi32(7);
-  for (int64_t m = m0; m < m1; ++m) {
-    const int64_t e0 = w.start[m], n = w.len[m];
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256i base = _mm256_setzero_si256();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-      const int64_t e = e0 + i;
-      __m256i c0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.delta + e)));
-      __m256i c1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.delta + e + 8)));
-      c0 = _mm256_add_epi32(prefix8(c0), base);
-      c1 = prefix8(c1);
-      c1 = _mm256_add_epi32(c1, _mm256_permutevar8x32_epi32(c0, last));
-      base = _mm256_permutevar8x32_epi32(c1, last);
-      a0 = _mm256_fmadd_ps(values8<KIND>(w, e, t0, t1), _mm256_i32gather_ps(x, c0, 4), a0);
-      a1 = _mm256_fmadd_ps(values8<KIND>(w, e + 8, t0, t1), _mm256_i32gather_ps(x, c1, 4), a1);
+  const uint16_t* idx = w.idx;
+  for (int64_t b = 0; b < w.nblocks; ++b) {
+    const float* xb = x + b * w.block_cols;
+    for (int64_t m = m0; m < m1; ++m) {
+      const int64_t i = b * w.rows + m;
+      const int64_t e0 = w.start[i], e = e0 + w.len[i];
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      int64_t j = e0;
+      for (; j + 32 <= e; j += 32) {
+        a0 = _mm256_fmadd_ps(values8<KIND>(w, j, t0, t1), gather8(xb, idx + j), a0);
+        a1 = _mm256_fmadd_ps(values8<KIND>(w, j + 8, t0, t1), gather8(xb, idx + j + 8), a1);
+        a2 = _mm256_fmadd_ps(values8<KIND>(w, j + 16, t0, t1), gather8(xb, idx + j + 16), a2);
+        a3 = _mm256_fmadd_ps(values8<KIND>(w, j + 24, t0, t1), gather8(xb, idx + j + 24), a3);
+      }
+      for (; j + 8 <= e; j += 8) a0 = _mm256_fmadd_ps(values8<KIND>(w, j, t0, t1), gather8(xb, idx + j), a0);
+      float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      for (; j < e; ++j) s += value1<KIND>(w, j) * xb[idx[j]];
+      if (KIND == kInt8) s *= w.scale[m];
+      const float init = b == 0 ? (bias ? bias[m] : 0.f) : y[m];
+      y[m] = init + s;
     }
-    for (; i + 8 <= n; i += 8) {
-      const int64_t e = e0 + i;
-      __m256i c0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.delta + e)));
-      c0 = _mm256_add_epi32(prefix8(c0), base);
-      base = _mm256_permutevar8x32_epi32(c0, last);
-      a0 = _mm256_fmadd_ps(values8<KIND>(w, e, t0, t1), _mm256_i32gather_ps(x, c0, 4), a0);
-    }
-    float s = hsum(_mm256_add_ps(a0, a1));
-    int64_t col = _mm256_cvtsi256_si32(base);
-    for (; i < n; ++i) {
-      const int64_t e = e0 + i;
-      col += w.delta[e];
-      float v;
-      if (KIND == kCodebook4)
-        v = w.table[(w.code[e >> 1] >> (4 * (e & 1))) & 15];
-      else if (KIND == kCodebook8)
-        v = w.table[w.code[e]];
-      else
-        v = static_cast<float>(static_cast<int8_t>(w.code[e]));
-      s += v * x[col];
-    }
-    if (KIND == kInt8) s *= w.scale[m];
-    y[m] = (bias ? bias[m] : 0.f) + s;
   }
 }
 

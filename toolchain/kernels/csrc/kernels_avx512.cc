@@ -9,7 +9,17 @@
 namespace tcops {
 namespace {
 
-// Batch 1: CSR SpMV over row-major blocks, 16-lane gathers, two accumulators.
+// Sixteen x values by index: scalar loads + inserts into two 8-lane halves. On Zen 4 this beats
+// vgatherdps (measured: AlexNet fc6-fc8 batch 1, 2.7 vs 3.7 ms).
+inline __m512 gather16(const float* xb, const uint16_t* ix) {
+  const __m256 lo = _mm256_setr_ps(xb[ix[0]], xb[ix[1]], xb[ix[2]], xb[ix[3]], xb[ix[4]], xb[ix[5]], xb[ix[6]],
+                                   xb[ix[7]]);
+  const __m256 hi = _mm256_setr_ps(xb[ix[8]], xb[ix[9]], xb[ix[10]], xb[ix[11]], xb[ix[12]], xb[ix[13]],
+                                   xb[ix[14]], xb[ix[15]]);
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+}
+
+// Batch 1: CSR SpMV over row-major blocks, two 16-lane accumulators.
 void spmv(const BlockedCsr& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y) {
   const int64_t M = w.rows, S = w.nsub;
   const float* val = w.val;
@@ -22,25 +32,12 @@ void spmv(const BlockedCsr& w, int64_t m0, int64_t m1, const float* x, const flo
       int64_t j = sp[m * S];
       const int64_t e = sp[(m + 1) * S];
       for (; j + 32 <= e; j += 32) {
-        const __m512i i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + j)));
-        const __m512i i1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + j + 16)));
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(val + j), _mm512_i32gather_ps(i0, xb, 4), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(val + j + 16), _mm512_i32gather_ps(i1, xb, 4), a1);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(val + j), gather16(xb, idx + j), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(val + j + 16), gather16(xb, idx + j + 16), a1);
       }
-      if (j < e) {  // 1..31 left: up to two masked steps
-        const int64_t r = e - j;
-        const __mmask16 k0 = r >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << r) - 1);
-        const __m512i i0 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k0, idx + j));
-        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k0, val + j),
-                             _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k0, i0, xb, 4), a0);
-        if (r > 16) {
-          const __mmask16 k1 = __mmask16((1u << (r - 16)) - 1);
-          const __m512i i1 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k1, idx + j + 16));
-          a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k1, val + j + 16),
-                               _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k1, i1, xb, 4), a1);
-        }
-      }
-      const float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      for (; j + 16 <= e; j += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(val + j), gather16(xb, idx + j), a0);
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      for (; j < e; ++j) s += val[j] * xb[idx[j]];
       const float init = b == 0 ? (bias ? bias[m] : 0.f) : y[m];
       y[m] = init + s;
     }
@@ -198,20 +195,9 @@ void spmm_offsets(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base,
   }
 }
 
-// Inclusive prefix sum of sixteen 32-bit lanes (valignd shifts lanes up, filling zeros).
-inline __m512i prefix16(__m512i d) {
-  const __m512i z = _mm512_setzero_si512();
-  d = _mm512_add_epi32(d, _mm512_alignr_epi32(d, z, 15));
-  d = _mm512_add_epi32(d, _mm512_alignr_epi32(d, z, 14));
-  d = _mm512_add_epi32(d, _mm512_alignr_epi32(d, z, 12));
-  d = _mm512_add_epi32(d, _mm512_alignr_epi32(d, z, 8));
-  return d;
-}
-
-// Weight values of the sixteen entries starting at e (e even for kCodebook4); lanes outside k are
-// zero.
+// Weight values of the sixteen entries starting at e (e even for kCodebook4).
 template <int KIND>
-inline __m512 values16(const PackedRows& w, int64_t e, __m512 table16, __mmask16 k) {
+inline __m512 values16(const PackedRows& w, int64_t e, __m512 table16) {
   if (KIND == kCodebook4) {
     // 8 bytes = 16 nibbles: lanes 0-7 take the low 32 bits, lanes 8-15 the high ones.
     const __m512i b = _mm512_permutexvar_epi32(
@@ -220,48 +206,44 @@ inline __m512 values16(const PackedRows& w, int64_t e, __m512 table16, __mmask16
     const __m512i idx = _mm512_and_si512(
         _mm512_srlv_epi32(b, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28)),
         _mm512_set1_epi32(15));
-    return _mm512_maskz_permutexvar_ps(k, idx, table16);  // the 16-entry codebook is one register
+    return _mm512_permutexvar_ps(idx, table16);  // the 16-entry codebook is one register (vpermps)
   } else if (KIND == kCodebook8) {
     const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.code + e)));
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, w.table, 4);
+    return _mm512_i32gather_ps(idx, w.table, 4);  // 1 KiB table, L1-resident
   } else {
-    return _mm512_maskz_cvtepi32_ps(
-        k, _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.code + e))));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.code + e))));
   }
+}
+
+template <int KIND>
+float value1(const PackedRows& w, int64_t e) {
+  if (KIND == kCodebook4) return w.table[(w.code[e >> 1] >> (4 * (e & 1))) & 15];
+  if (KIND == kCodebook8) return w.table[w.code[e]];
+  return static_cast<float>(static_cast<int8_t>(w.code[e]));
 }
 
 template <int KIND>
 void spmv_packed_t(const PackedRows& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y) {
   const __m512 table16 = KIND == kCodebook4 ? _mm512_loadu_ps(w.table) : _mm512_setzero_ps();
-  const __m512i last = _mm512_set1_epi32(15);
-  for (int64_t m = m0; m < m1; ++m) {
-    const int64_t e0 = w.start[m], n = w.len[m];
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512i base = _mm512_setzero_si512();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-      const int64_t e = e0 + i;
-      __m512i c0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.delta + e)));
-      __m512i c1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.delta + e + 16)));
-      c0 = _mm512_add_epi32(prefix16(c0), base);
-      c1 = _mm512_add_epi32(prefix16(c1), _mm512_permutexvar_epi32(last, c0));
-      base = _mm512_permutexvar_epi32(last, c1);
-      a0 = _mm512_fmadd_ps(values16<KIND>(w, e, table16, 0xFFFF), _mm512_i32gather_ps(c0, x, 4), a0);
-      a1 = _mm512_fmadd_ps(values16<KIND>(w, e + 16, table16, 0xFFFF), _mm512_i32gather_ps(c1, x, 4), a1);
+  const uint16_t* idx = w.idx;
+  for (int64_t b = 0; b < w.nblocks; ++b) {
+    const float* xb = x + b * w.block_cols;
+    for (int64_t m = m0; m < m1; ++m) {
+      const int64_t i = b * w.rows + m;
+      const int64_t e0 = w.start[i], e = e0 + w.len[i];
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      int64_t j = e0;
+      for (; j + 32 <= e; j += 32) {
+        a0 = _mm512_fmadd_ps(values16<KIND>(w, j, table16), gather16(xb, idx + j), a0);
+        a1 = _mm512_fmadd_ps(values16<KIND>(w, j + 16, table16), gather16(xb, idx + j + 16), a1);
+      }
+      for (; j + 16 <= e; j += 16) a0 = _mm512_fmadd_ps(values16<KIND>(w, j, table16), gather16(xb, idx + j), a0);
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      for (; j < e; ++j) s += value1<KIND>(w, j) * xb[idx[j]];
+      if (KIND == kInt8) s *= w.scale[m];
+      const float init = b == 0 ? (bias ? bias[m] : 0.f) : y[m];
+      y[m] = init + s;
     }
-    for (; i < n; i += 16) {  // masked tail (the padded arrays may be read past the row)
-      const int64_t e = e0 + i;
-      const int64_t r = n - i;
-      const __mmask16 k = r >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << r) - 1);
-      __m512i c0 = _mm512_maskz_cvtepu8_epi32(k, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.delta + e)));
-      c0 = _mm512_add_epi32(prefix16(c0), base);
-      base = _mm512_permutexvar_epi32(last, c0);
-      a0 = _mm512_fmadd_ps(values16<KIND>(w, e, table16, k),
-                           _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, c0, x, 4), a0);
-    }
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    if (KIND == kInt8) s *= w.scale[m];
-    y[m] = (bias ? bias[m] : 0.f) + s;
   }
 }
 

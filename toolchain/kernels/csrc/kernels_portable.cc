@@ -128,30 +128,33 @@ void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t r
   }
 }
 
-// Packed rows: the column is a running sum of the 8-bit deltas; four partial sums.
+// Packed rows: four partial sums per segment.
 template <int KIND>
 void spmv_packed_t(const PackedRows& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y) {
-  const uint8_t* delta = w.delta;
+  const uint16_t* idx = w.idx;
   const uint8_t* code = w.code;
   const float* table = w.table;
-  for (int64_t m = m0; m < m1; ++m) {
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
-    const int64_t e0 = w.start[m], e1 = e0 + w.len[m];
-    int64_t col = 0;
-    for (int64_t e = e0; e < e1; ++e) {
-      col += delta[e];
-      float v;
-      if (KIND == kCodebook4)
-        v = table[(code[e >> 1] >> (4 * (e & 1))) & 15];
-      else if (KIND == kCodebook8)
-        v = table[code[e]];
-      else
-        v = static_cast<float>(static_cast<int8_t>(code[e]));
-      s[(e - e0) & 3] += v * x[col];
+  for (int64_t b = 0; b < w.nblocks; ++b) {
+    const float* xb = x + b * w.block_cols;
+    for (int64_t m = m0; m < m1; ++m) {
+      const int64_t i = b * w.rows + m;
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+      const int64_t e0 = w.start[i], e1 = e0 + w.len[i];
+      for (int64_t e = e0; e < e1; ++e) {
+        float v;
+        if (KIND == kCodebook4)
+          v = table[(code[e >> 1] >> (4 * (e & 1))) & 15];
+        else if (KIND == kCodebook8)
+          v = table[code[e]];
+        else
+          v = static_cast<float>(static_cast<int8_t>(code[e]));
+        s[(e - e0) & 3] += v * xb[idx[e]];
+      }
+      float t = (s[0] + s[1]) + (s[2] + s[3]);
+      if (KIND == kInt8) t *= w.scale[m];
+      const float init = b == 0 ? (bias ? bias[m] : 0.f) : y[m];
+      y[m] = init + t;
     }
-    float t = (s[0] + s[1]) + (s[2] + s[3]);
-    if (KIND == kInt8) t *= w.scale[m];
-    y[m] = (bias ? bias[m] : 0.f) + t;
   }
 }
 

@@ -719,8 +719,8 @@ class PackedLinear {
       const float* bp = static_cast<const float*>(bias.data);
       bias_.assign(bp, bp + rows_);
     }
-    view_ = PackedRows{rows_, kind_, start_.data(), len_.data(), delta_.data(), code_.data(), table_.data(),
-                       scale_.data()};
+    view_ = PackedRows{rows_, block_cols_, nblocks_, kind_, start_.data(), len_.data(), idx_.data(), code_.data(),
+                       table_.data(), scale_.data()};
   }
 
   void compute(OrtKernelContext* ctx) {
@@ -770,13 +770,10 @@ class PackedLinear {
     return d;
   }
 
-  // Walks every row's deltas: each column must stay below in_features (a filler run or a large
-  // delta must not step past the row). Lays out the batch-1 arrays: rows start on an even entry
-  // when `even_starts` (two 4-bit codes per byte).
-  void layout(const NodeInfo& n, const uint8_t* deltas, bool even_starts) {
-    start_.resize(rows_);
-    len_.resize(rows_);
-    int64_t at = 0;
+  // Absolute column of every entry; each must stay below in_features (a filler run or a large
+  // delta must not step past the row).
+  std::vector<int32_t> entry_columns(const NodeInfo& n, const uint8_t* deltas) const {
+    std::vector<int32_t> cols(rp_[rows_]);
     for (int64_t m = 0; m < rows_; ++m) {
       int64_t col = 0;
       for (int32_t e = rp_[m]; e < rp_[m + 1]; ++e) {
@@ -784,15 +781,48 @@ class PackedLinear {
         if (col >= in_features_)
           n.fail(format("row %lld: entry %d reaches column %lld, past in_features=%lld (deltas or filler entries "
                         "step past the row)", (long long)m, e, (long long)col, (long long)in_features_));
+        cols[e] = static_cast<int32_t>(col);
       }
-      if (even_starts) at += at & 1;
-      start_[m] = at;
-      len_[m] = rp_[m + 1] - rp_[m];
-      at += len_[m];
     }
-    entries_int_ = at;
-    delta_.assign(at + 64, 0);
-    for (int64_t m = 0; m < rows_; ++m) memcpy(delta_.data() + start_[m], deltas + rp_[m], len_[m]);
+    return cols;
+  }
+
+  // Batch-1 layout (PackedRows): column blocks, segments (block, row); entries whose value is zero
+  // (fillers) are dropped. code_of(e) gives the entry's 4/8-bit code or int8 byte; zero(e) tells
+  // whether its value is zero.
+  template <class CodeOf, class IsZero>
+  void layout(const std::vector<int32_t>& cols, const CodeOf& code_of, const IsZero& zero) {
+    const int64_t K = in_features_;
+    nblocks_ = std::max<int64_t>(1, (K + kBlockCols - 1) / kBlockCols);
+    block_cols_ = (K + nblocks_ - 1) / nblocks_;
+    const int64_t nseg = nblocks_ * rows_;
+    start_.assign(nseg, 0);
+    len_.assign(nseg, 0);
+    for (int64_t m = 0; m < rows_; ++m)
+      for (int32_t e = rp_[m]; e < rp_[m + 1]; ++e)
+        if (!zero(e)) len_[(cols[e] / block_cols_) * rows_ + m]++;
+    const bool even = kind_ == kCodebook4;
+    int64_t at = 0;
+    for (int64_t i = 0; i < nseg; ++i) {
+      if (even) at += at & 1;
+      start_[i] = at;
+      at += len_[i];
+    }
+    idx_.assign(at + 64, 0);
+    code_.assign((even ? (at + 1) / 2 : at) + 64, 0);
+    std::vector<int64_t> fill(start_);
+    for (int64_t m = 0; m < rows_; ++m)
+      for (int32_t e = rp_[m]; e < rp_[m + 1]; ++e) {
+        if (zero(e)) continue;
+        const int64_t b = cols[e] / block_cols_;
+        const int64_t p = fill[b * rows_ + m]++;
+        idx_[p] = static_cast<uint16_t>(cols[e] - b * block_cols_);
+        const uint8_t c = static_cast<uint8_t>(code_of(e));
+        if (even)
+          code_[p >> 1] |= static_cast<uint8_t>(c << (4 * (p & 1)));
+        else
+          code_[p] = c;
+      }
   }
 
   void read_codebook(const NodeInfo& n) {
@@ -829,16 +859,8 @@ class PackedLinear {
       if (code_of(e) >= C)
         n.fail(format("code of entry %lld is %d, past the codebook's %lld entries", (long long)e, code_of(e),
                       (long long)C));
-    layout(n, static_cast<const uint8_t*>(deltas.data), bits == 4);
-    code_.assign((bits == 4 ? (entries_int_ + 1) / 2 : entries_int_) + 64, 0);
-    for (int64_t m = 0; m < rows_; ++m)
-      for (int64_t i = 0; i < len_[m]; ++i) {
-        const int64_t e = rp_[m] + i, p = start_[m] + i;
-        if (bits == 8)
-          code_[p] = static_cast<uint8_t>(code_of(e));
-        else
-          code_[p >> 1] |= static_cast<uint8_t>(code_of(e) << (4 * (p & 1)));
-      }
+    const std::vector<int32_t> cols = entry_columns(n, static_cast<const uint8_t*>(deltas.data));
+    layout(cols, code_of, [&](int64_t e) { return table_[code_of(e)] == 0.f; });
     scale_.assign(1, 1.f);
   }
 
@@ -862,10 +884,9 @@ class PackedLinear {
     for (int64_t m = 0; m < rows_; ++m)
       if (!std::isfinite(sp[m])) n.fail(format("scales[%lld] is not finite", (long long)m));
     scale_.assign(sp, sp + rows_);
-    layout(n, static_cast<const uint8_t*>(deltas.data), false);
-    code_.assign(entries_int_ + 64, 0);
+    const std::vector<int32_t> cols = entry_columns(n, static_cast<const uint8_t*>(deltas.data));
     const uint8_t* vp = static_cast<const uint8_t*>(values.data);
-    for (int64_t m = 0; m < rows_; ++m) memcpy(code_.data() + start_[m], vp + rp_[m], len_[m]);
+    layout(cols, [&](int64_t e) { return vp[e]; }, [&](int64_t e) { return vp[e] == 0; });
     table_.assign(16, 0.f);
   }
 
@@ -885,15 +906,14 @@ class PackedLinear {
       c.rows = rows_;
       c.row_ptr.assign(rows_ + 1, 0);
       for (int64_t m = 0; m < rows_; ++m) {
-        int64_t col = 0;
-        for (int64_t i = 0; i < len_[m]; ++i) {
-          const int64_t p = start_[m] + i;
-          col += delta_[p];
-          const float v = value_of(m, p);
-          if (v == 0.f) continue;  // fillers and zero codes
-          c.col.push_back(static_cast<int32_t>(col));
-          c.val.push_back(v);
-          c.max_col = std::max(c.max_col, col);
+        for (int64_t b = 0; b < nblocks_; ++b) {
+          const int64_t i = b * rows_ + m;
+          for (int64_t p = start_[i]; p < start_[i] + len_[i]; ++p) {
+            const int64_t col = b * block_cols_ + idx_[p];
+            c.col.push_back(static_cast<int32_t>(col));
+            c.val.push_back(value_of(m, p));
+            c.max_col = std::max(c.max_col, col);
+          }
         }
         c.row_ptr[m + 1] = static_cast<int32_t>(c.col.size());
       }
@@ -908,11 +928,12 @@ class PackedLinear {
   std::string where_;
   const KernelTable* kernels_ = nullptr;
   int kind_ = kCodebook4;
-  int64_t in_features_ = 0, rows_ = 0, entries_int_ = 0;
+  int64_t in_features_ = 0, rows_ = 0, nblocks_ = 1, block_cols_ = 1;
   std::vector<int32_t> rp_;
   std::vector<int64_t> start_;
   std::vector<int32_t> len_;
-  std::vector<uint8_t> delta_, code_;
+  std::vector<uint16_t> idx_;
+  std::vector<uint8_t> code_;
   std::vector<float> table_, scale_, bias_;
   PackedRows view_{};
   std::mutex dec_mu_;
