@@ -34,8 +34,7 @@ def encode(fmt: str, w: np.ndarray, rng) -> packed.PackedCodebook | packed.Packe
     if fmt == "int8":
         return packed.encode_int8(w)
     bits = 4 if fmt == "codebook4" else 8
-    # one slot left for the filler's zero when the gaps need it
-    cb = rng.standard_normal((1 << bits) - 1).astype(np.float32)
+    cb = rng.standard_normal(1 << bits).astype(np.float32)
     return packed.encode_codebook(w, cb, bits)
 
 
@@ -45,22 +44,21 @@ def encode(fmt: str, w: np.ndarray, rng) -> packed.PackedCodebook | packed.Packe
 
 def test_entries_and_fillers():
     w = np.zeros((4, 1000), np.float32)
-    w[0, [0, 255, 256, 999]] = [1, 2, 3, 4]  # gap 743 from 256 to 999: two fillers
-    w[1, 600] = 5                            # first entry past 255: two fillers (255, 510), then 90
-    w[3, 255] = 6
+    w[0, [0, 255, 256, 999]] = [1, 2, 3, 4]  # gap 743 from 256 to 999: two fillers (d = 0), then 233
+    w[1, 600] = 5                            # 601 from the row start (-1): two fillers, then 91
+    w[3, 255] = 6                            # 256 from the row start: one filler, then 1
     p = packed.encode_int8(w)
-    assert p.row_ptr.tolist() == [0, 6, 9, 9, 10]
-    assert p.deltas.tolist() == [0, 255, 1, 255, 255, 233, 255, 255, 90, 255]
-    assert p.fillers == 4 and p.values[[1, 2, 4, 5]].tolist() != [0, 0, 0, 0]
-    assert p.values[[3, 4, 6, 7]].tolist() == [0, 0, 0, 0]
+    assert p.row_ptr.tolist() == [0, 6, 9, 9, 11]
+    assert p.deltas.tolist() == [1, 255, 1, 0, 0, 233, 0, 0, 91, 0, 1]
+    assert p.fillers == 5 and np.all(p.values[p.deltas == 0] == 0) and np.all(p.values[p.deltas != 0] != 0)
     np.testing.assert_allclose(packed.decode_int8(p), w, rtol=1 / 127)
 
-    cb = np.array([1, 2, 3, 4, 5, 6], np.float32)
+    cb = np.arange(1, 17, dtype=np.float32)  # a full 4-bit codebook: fillers spend no codebook value
     c = packed.encode_codebook(w, cb, 4)
-    assert c.fillers == 4 and len(c.codebook) == 7 and c.codebook[6] == 0  # zero appended for the fillers
+    assert c.fillers == 5 and len(c.codebook) == 16
     assert len(c.codes) == (len(c.deltas) + 1) // 2
     np.testing.assert_array_equal(packed.decode_codebook(c), w)
-    assert c.nbytes() == 7 * 4 + len(c.codes) + len(c.deltas) + 5 * 4
+    assert c.nbytes() == 16 * 4 + len(c.codes) + len(c.deltas) + 5 * 4
 
 
 def test_codebook_nearest_codes_and_errors():
@@ -80,10 +78,6 @@ def test_codebook_nearest_codes_and_errors():
     c8 = packed.encode_codebook(w, np.linspace(-3, 3, 256), 8)
     assert len(c8.codes) == len(c8.deltas)
 
-    far = np.zeros((1, 600), np.float32)
-    far[0, 599] = 1.0
-    with pytest.raises(ModelFormatError, match="codebook is full"):
-        packed.encode_codebook(far, np.arange(1, 17, dtype=np.float32), 4)
     with pytest.raises(ModelFormatError, match="bits must be 4 or 8"):
         packed.encode_codebook(w, cb, 5)
     with pytest.raises(ModelFormatError, match="holds 1..16"):
@@ -235,7 +229,7 @@ def _corrupt_cases():
     c = _base_codebook()
     c8 = _base_codebook(8)
     x = np.ones((2, 600), np.float32)
-    assert c.deltas[:5].tolist() == [1, 2, 255, 255, 86]  # row 0: 1, 3, fillers at 258 and 513, 599
+    assert c.deltas[:5].tolist() == [2, 2, 0, 0, 86]  # row 0: 1, 3, two fillers (to 513), 599
     d_past = c.deltas.copy()
     d_past[4] = 87  # the last entry after the filler run lands on column 600
     codes_bad = c8.codes.copy()
@@ -243,10 +237,10 @@ def _corrupt_cases():
     r = c.row_ptr
     q8 = _int8_model()
     qd = next(numpy_helper.to_array(t) for t in q8.graph.initializer if t.name == "q.deltas")
+    assert qd.tolist() == [1, 0, 0, 89, 6]
     qd_past = qd.copy()
-    qd_past[0] = 255
-    qd_past[1] = 255
-    qd_past[2] = 255
+    qd_past[1:3] = 0
+    qd_past[3] = 255  # a filler run then a step past column 599
     cases = {
         "cb_valid": (_codebook_model(), x, None, {}),
         "cb8_valid": (_codebook_model(8), x, None, {}),

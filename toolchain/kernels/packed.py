@@ -1,25 +1,27 @@
 """Packed (quantized) sparse formats for the fast form: encoders, numpy reference decoders, ONNX nodes.
 
 Two ops in domain "ai.toolchain", version 1 (the C++ side is toolchain/kernels/csrc/ops.cc). Both
-store a pruned weight W [M, K] row by row as *entries*; entry e of row m has an 8-bit column delta:
+store a pruned weight W [M, K] row by row as *entries*; entry e of row m has an 8-bit delta d:
 
-    col(e) = col(e-1) + deltas[e]        (col = deltas[e] for the row's first entry)
+    d in 1..255   a kept weight at column col(e) = col(e-1) + d    (col(-1) = -1 at each row start)
+    d = 0         a filler: no weight, the position advances 255 columns (col(e) = col(e-1) + 255)
 
-A gap of more than 255 columns is bridged by *filler* entries: delta 255 and a zero value.
-row_ptr [M+1] int32 delimits each row's entries (fillers included).
+so a gap g >= 1 from the previous position needs (g - 1) // 255 fillers (Deep Compression's padding
+when a gap exceeds the index width; the zero is explicit in d = 0, so it costs no codebook value --
+the same convention as toolchain/methods/quantize/coding.py). row_ptr [M+1] int32 delimits each
+row's entries (fillers included). A filler's code / value byte is ignored (written as 0).
 
 SparseLinearCodebook (weight sharing, Deep Compression):
     inputs  X float [..., K], codebook float [C] (1 <= C <= 2^bits), codes uint8 [ceil(E*bits/8)],
             deltas uint8 [E], row_ptr int32 [M+1], bias float [M] (optional)
     attrs   in_features = K, bits = 4 or 8
-    W[m, col(e)] += codebook[code(e)], code(e) = codes[e] (8 bits) or
+    W[m, col(e)] = codebook[code(e)] for kept entries, code(e) = codes[e] (8 bits) or
     (codes[e // 2] >> 4 * (e % 2)) & 15 (4 bits: two per byte, low nibble first, over all entries).
-    Fillers use the index of a 0.0 codebook entry (added by the encoder when missing).
 SparseLinearInt8:
     inputs  X float [..., K], values int8 [E], deltas uint8 [E], row_ptr int32 [M+1],
             scales float [M], bias float [M] (optional)
     attrs   in_features = K
-    W[m, col(e)] += scales[m] * values[e]  (fp32 accumulation).
+    W[m, col(e)] = scales[m] * values[e] for kept entries (fp32 accumulation).
 
 Bytes per kept weight (before fillers and the 4 bytes per row of row_ptr, and for int8 the 4 bytes
 per row of scales): codebook 4-bit 1.5, codebook 8-bit 2, int8 2 (fp32 CSR with uint16 indices: 6).
@@ -90,12 +92,12 @@ def _entries(mask: np.ndarray):
     m_rows = mask.shape[0]
     rows, cols = np.nonzero(mask)
     cols = cols.astype(np.int64)
-    prev = np.zeros_like(cols)
+    prev = np.full_like(cols, -1)
     if len(cols):
         same_row = np.r_[False, rows[1:] == rows[:-1]]
         prev[same_row] = cols[:-1][same_row[1:]]
-    gap = cols - prev
-    nfill = np.where(gap > MAX_DELTA, (gap - 1) // MAX_DELTA, 0)
+    gap = cols - prev                                           # >= 1
+    nfill = (gap - 1) // MAX_DELTA
     per = nfill + 1
     total = int(per.sum())
     if total > np.iinfo(np.int32).max:
@@ -104,7 +106,7 @@ def _entries(mask: np.ndarray):
     first = np.cumsum(per) - per                                # its first entry
     pos = np.arange(total) - np.repeat(first, per)              # 0..nfill: fillers first, then the weight
     is_real = pos == nfill[owner]
-    deltas = np.where(is_real, gap[owner] - MAX_DELTA * nfill[owner], MAX_DELTA).astype(np.uint8)
+    deltas = np.where(is_real, gap[owner] - MAX_DELTA * nfill[owner], 0).astype(np.uint8)
     src = np.where(is_real, owner, -1)
     counts = np.bincount(rows, weights=per, minlength=m_rows).astype(np.int64)
     row_ptr = np.zeros(m_rows + 1, np.int32)
@@ -113,12 +115,13 @@ def _entries(mask: np.ndarray):
 
 
 def _entry_columns(deltas: np.ndarray, row_ptr: np.ndarray) -> np.ndarray:
-    """Absolute column of every entry (running sum of the deltas, restarted per row)."""
-    c = np.cumsum(deltas.astype(np.int64))
+    """Column of every entry (a filler's: where its step lands), restarted per row."""
+    step = np.where(deltas == 0, MAX_DELTA, deltas.astype(np.int64))
+    c = np.cumsum(step)
     starts = row_ptr[:-1].astype(np.int64)
     lens = np.diff(row_ptr.astype(np.int64))
     before = np.where(starts > 0, c[np.maximum(starts - 1, 0)] if len(c) else 0, 0)
-    return c - np.repeat(before, lens)
+    return c - np.repeat(before, lens) - 1
 
 
 def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -141,8 +144,7 @@ def encode_codebook(weight, codebook, bits: int = 4, codes=None) -> PackedCodebo
     """SparseLinearCodebook layout of `weight` [M, K]: its non-zeros are the kept weights.
 
     Each kept weight gets the index of the nearest `codebook` value, or `codes[m, k]` when given
-    (the cluster assignment of a weight-sharing method). Filler entries need a 0.0 codebook entry:
-    one is appended if missing and there is room (len(codebook) < 2^bits), else ModelFormatError.
+    (the cluster assignment of a weight-sharing method).
     """
     if bits not in (4, 8):
         raise ModelFormatError(f"codebook bits must be 4 or 8, got {bits}")
@@ -170,33 +172,21 @@ def encode_codebook(weight, codebook, bits: int = 4, codes=None) -> PackedCodebo
         if len(kept_codes) and (kept_codes.min() < 0 or kept_codes.max() >= len(cb)):
             raise ModelFormatError(f"codes must index the {len(cb)}-entry codebook")
     deltas, row_ptr, src = _entries(mask)
-    fillers = int(np.count_nonzero(src < 0))
-    zero = -1
-    if fillers:
-        zeros = np.flatnonzero(cb == 0)
-        if len(zeros):
-            zero = int(zeros[0])
-        elif len(cb) < 1 << bits:
-            cb = np.r_[cb, np.float32(0)].astype(np.float32)
-            zero = len(cb) - 1
-        else:
-            raise ModelFormatError(
-                f"a column gap over {MAX_DELTA} needs a filler entry with a 0.0 codebook value, and the "
-                f"{bits}-bit codebook is full ({len(cb)} values): use at most {(1 << bits) - 1} clusters or 8 bits")
-    entry_codes = np.where(src >= 0, kept_codes[np.maximum(src, 0)] if len(kept_codes) else 0, zero)
+    entry_codes = np.where(src >= 0, kept_codes[np.maximum(src, 0)] if len(kept_codes) else 0, 0)
     packed = _pack_nibbles(entry_codes) if bits == 4 else entry_codes.astype(np.uint8)
-    return PackedCodebook(cb, packed, deltas, row_ptr, bits, int(w.shape[1]), fillers)
+    return PackedCodebook(cb, packed, deltas, row_ptr, bits, int(w.shape[1]), int(np.count_nonzero(src < 0)))
 
 
 def decode_codebook(p: PackedCodebook) -> np.ndarray:
-    """Dense float32 [M, K] weight of a codebook layout (numpy reference; entries on one column sum)."""
+    """Dense float32 [M, K] weight of a codebook layout (numpy reference)."""
     m, k = p.shape
     e = len(p.deltas)
     cols = _entry_columns(p.deltas, p.row_ptr)
     vals = p.codebook[_unpack_codes(p.codes, p.bits, e)]
     rows = np.repeat(np.arange(m), np.diff(p.row_ptr.astype(np.int64)))
+    real = p.deltas != 0
     out = np.zeros((m, k), np.float32)
-    np.add.at(out, (rows, cols), vals)
+    out[rows[real], cols[real]] = vals[real]
     return out
 
 
@@ -229,8 +219,9 @@ def decode_int8(p: PackedInt8) -> np.ndarray:
     m, k = p.shape
     cols = _entry_columns(p.deltas, p.row_ptr)
     rows = np.repeat(np.arange(m), np.diff(p.row_ptr.astype(np.int64)))
+    real = p.deltas != 0
     out = np.zeros((m, k), np.float32)
-    np.add.at(out, (rows, cols), p.values.astype(np.float32) * p.scales[rows])
+    out[rows[real], cols[real]] = p.values[real].astype(np.float32) * p.scales[rows[real]]
     return out
 
 

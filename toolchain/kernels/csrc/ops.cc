@@ -39,6 +39,7 @@ constexpr int64_t kMinSubCols = 64;
 constexpr int64_t kLinearRowChunk = 256;  // rows per SparseLinear tile task (partial sums: 64 KiB)
 constexpr int64_t kMaxAttr = 1 << 16;  // bound on conv kernel/stride/pad/dilation (no overflow below)
 constexpr double kDirectMaxReuse = 12.0;  // SparseConv: direct below this output-channel reuse
+constexpr int64_t kFillerStep = 255;      // packed formats: a delta of 0 (filler) advances 255 columns
 
 const OrtApi* g_api = nullptr;
 
@@ -685,12 +686,12 @@ class SparseLinear {
 //
 // SparseLinearCodebook: X, codebook float [C], codes uint8 [ceil(E*bits/8)], deltas uint8 [E],
 //   row_ptr int32 [M+1], bias? float [M]; attributes in_features, bits (4 or 8). Entry e of row m
-//   (row_ptr[m] <= e < row_ptr[m+1]) has column col(e) = col(e-1) + deltas[e] (col = deltas[e] for
-//   a row's first entry) and value codebook[code(e)]; 4-bit codes are packed two per byte, low
-//   nibble first, over the whole entry sequence.
+//   (row_ptr[m] <= e < row_ptr[m+1]) steps deltas[e] columns (255 when deltas[e] = 0) from the
+//   previous entry (from column -1 for the row's first): a real weight when deltas[e] >= 1, with
+//   value codebook[code(e)]; a filler (no weight) when deltas[e] = 0. 4-bit codes are packed two
+//   per byte, low nibble first, over the whole entry sequence.
 // SparseLinearInt8: X, values int8 [E], deltas uint8 [E], row_ptr int32 [M+1], scales float [M],
-//   bias? float [M]; attribute in_features. W[m, col(e)] = scales[m] * values[e].
-// Gaps over 255 columns are bridged by filler entries (value zero) in the file.
+//   bias? float [M]; attribute in_features. W[m, col(e)] = scales[m] * values[e] (same deltas).
 //
 // Batch 1 runs on the packed rows (PackedRows: 1.5 / 2 / 2 bytes per entry streamed); batch > 1
 // decodes once to fp32 blocked CSR (built on first use) and shares SparseLinear's tile path.
@@ -770,14 +771,14 @@ class PackedLinear {
     return d;
   }
 
-  // Absolute column of every entry; each must stay below in_features (a filler run or a large
-  // delta must not step past the row).
+  // Column of every entry (a filler's: where its 255-column step lands); each must stay below
+  // in_features (a large delta or a filler run must not step past the row).
   std::vector<int32_t> entry_columns(const NodeInfo& n, const uint8_t* deltas) const {
     std::vector<int32_t> cols(rp_[rows_]);
     for (int64_t m = 0; m < rows_; ++m) {
-      int64_t col = 0;
+      int64_t col = -1;
       for (int32_t e = rp_[m]; e < rp_[m + 1]; ++e) {
-        col += deltas[e];
+        col += deltas[e] ? deltas[e] : kFillerStep;
         if (col >= in_features_)
           n.fail(format("row %lld: entry %d reaches column %lld, past in_features=%lld (deltas or filler entries "
                         "step past the row)", (long long)m, e, (long long)col, (long long)in_features_));
@@ -787,9 +788,9 @@ class PackedLinear {
     return cols;
   }
 
-  // Batch-1 layout (PackedRows): column blocks, segments (block, row); entries whose value is zero
-  // (fillers) are dropped. code_of(e) gives the entry's 4/8-bit code or int8 byte; zero(e) tells
-  // whether its value is zero.
+  // Batch-1 layout (PackedRows): column blocks, segments (block, row); fillers and entries whose
+  // value is zero are dropped. code_of(e) gives the entry's 4/8-bit code or int8 byte; zero(e)
+  // tells whether the entry contributes nothing.
   template <class CodeOf, class IsZero>
   void layout(const std::vector<int32_t>& cols, const CodeOf& code_of, const IsZero& zero) {
     const int64_t K = in_features_;
@@ -860,7 +861,8 @@ class PackedLinear {
         n.fail(format("code of entry %lld is %d, past the codebook's %lld entries", (long long)e, code_of(e),
                       (long long)C));
     const std::vector<int32_t> cols = entry_columns(n, static_cast<const uint8_t*>(deltas.data));
-    layout(cols, code_of, [&](int64_t e) { return table_[code_of(e)] == 0.f; });
+    const uint8_t* dp = static_cast<const uint8_t*>(deltas.data);
+    layout(cols, code_of, [&](int64_t e) { return dp[e] == 0 || table_[code_of(e)] == 0.f; });
     scale_.assign(1, 1.f);
   }
 
@@ -886,7 +888,8 @@ class PackedLinear {
     scale_.assign(sp, sp + rows_);
     const std::vector<int32_t> cols = entry_columns(n, static_cast<const uint8_t*>(deltas.data));
     const uint8_t* vp = static_cast<const uint8_t*>(values.data);
-    layout(cols, [&](int64_t e) { return vp[e]; }, [&](int64_t e) { return vp[e] == 0; });
+    const uint8_t* dp = static_cast<const uint8_t*>(deltas.data);
+    layout(cols, [&](int64_t e) { return vp[e]; }, [&](int64_t e) { return dp[e] == 0 || vp[e] == 0; });
     table_.assign(16, 0.f);
   }
 
