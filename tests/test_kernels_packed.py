@@ -143,6 +143,24 @@ def test_packed_every_batch_size_1_to_70(lib, isa):
             assert_close(sess.run(None, {"X": x[:n]})[0], ref[:n])
 
 
+def test_packed_wide_rows_many_fillers(lib):
+    """K > 65536 (block-relative indices) and long gaps (filler runs) on every path."""
+    rng = np.random.default_rng(7)
+    w = random_sparse(rng, (5, 70001), 0.003)
+    w[:, -1] = 1.0
+    w[3, 0] = 2.0
+    w[2] = 0
+    for fmt in FORMATS:
+        p = encode(fmt, w, rng)
+        assert p.fillers > 100
+        wd = packed.decode(p).astype(np.float64)
+        x = rng.standard_normal((3, 70001)).astype(np.float32)
+        for isa in ISAS:
+            sess = make_session(packed.make_packed_linear_model(p), lib, isa=isa)
+            for n in (1, 3):
+                assert_close(sess.run(None, {"X": x[:n]})[0], x[:n].astype(np.float64) @ wd.T)
+
+
 def test_packed_shapes_and_bias_omitted(lib):
     rng = np.random.default_rng(5)
     w = random_sparse(rng, (7, 40), 0.5)
