@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from toolchain.errors import RecipeError
-from toolchain.layers.lowrank import (LowRankConv2d, LowRankLinear, dictionary_factorize, kernel_dictionary,
+from toolchain.methods.lowrank.layers import (LowRankConv2d, LowRankLinear, dictionary_factorize, kernel_dictionary,
                                       make_dictionary, rank_for_energy, svd_factorize)
-from toolchain.passes.lowrank import input_layouts
+from toolchain.methods.lowrank.passes import input_layouts
 from toolchain.recipe import parse_recipe
 
 from conftest import graph_from_sequential
@@ -233,8 +233,8 @@ def _run_onnx(path, x):
     (lenet5, "[stage.layers.conv2]\nrank = 10\n[stage.layers.ip1]\nenergy = 0.5"),
 ])
 def test_export_matches_torch_and_stores_the_factors(tmp_path, model, table):
-    from toolchain.export import export_compressed
-    from toolchain.layers.lowrank import _LowRank
+    from toolchain.exporter import export_compressed
+    from toolchain.methods.lowrank.layers import _LowRank
     from toolchain.measure import measure
 
     net = graph_from_sequential(model(), (1, 28, 28))
@@ -263,9 +263,9 @@ def test_export_matches_torch_and_stores_the_factors(tmp_path, model, table):
 
 def test_finetuning_end_to_end(tmp_path, lenet300_path, mnist_small):
     from converters import import_onnx
-    from toolchain.compress import compress_network
-    from toolchain.evaluate import evaluate_onnx
-    from toolchain.export import export_compressed
+    from toolchain.driver import compress_network
+    from toolchain.accuracy import evaluate_onnx
+    from toolchain.exporter import export_compressed
 
     net = import_onnx(lenet300_path)
     recipe = parse_recipe("[[stage]]\npass = \"lowrank\"\nteacher = true\n[stage.layers.ip1]\nrank = 40\n"
