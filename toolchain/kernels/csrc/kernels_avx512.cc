@@ -9,8 +9,8 @@
 namespace tcops {
 namespace {
 
-// Sixteen x values by index: scalar loads + inserts into two 8-lane halves. On Zen 4 this beats
-// vgatherdps (measured: AlexNet fc6-fc8 batch 1, 2.7 vs 3.7 ms).
+// Sixteen x values by index: scalar loads + inserts into two 8-lane halves. On Zen 4 this beat
+// vgatherdps in a development run (AlexNet fc6-fc8, batch 1).
 inline __m512 gather16(const float* xb, const uint16_t* ix) {
   const __m256 lo = _mm256_setr_ps(xb[ix[0]], xb[ix[1]], xb[ix[2]], xb[ix[3]], xb[ix[4]], xb[ix[5]], xb[ix[6]],
                                    xb[ix[7]]);
