@@ -269,3 +269,16 @@ def test_shipped_files_carry_their_records():
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "record_metadata.py"), "--check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("ok ") >= 12
+
+
+def test_every_command_help_ends_with_an_example(capsys):
+    from toolchain.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    for name in [*COMMANDS, None]:
+        argv = [name.rstrip("_"), "--help"] if name else ["--help"]
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        text = capsys.readouterr().out.rstrip()
+        last = text.split("\n\n")[-1]
+        assert last.startswith("example") and "toolchain " in last, f"{argv}: {last[:200]}"
