@@ -161,6 +161,18 @@ def test_packed_wide_rows_many_fillers(lib):
                 assert_close(sess.run(None, {"X": x[:n]})[0], x[:n].astype(np.float64) @ wd.T)
 
 
+def test_packed_all_zero_weight_gives_bias(lib):
+    w = np.zeros((6, 300), np.float32)
+    b = np.arange(6, dtype=np.float32)
+    for p in (packed.encode_int8(w), packed.encode_codebook(w, [1.0], 4), packed.encode_codebook(w, np.ones(256), 8)):
+        assert len(p.deltas) == 0
+        for isa in ISAS:
+            sess = make_session(packed.make_packed_linear_model(p, b), lib, isa=isa)
+            for n in (1, 5):
+                np.testing.assert_array_equal(sess.run(None, {"X": np.ones((n, 300), np.float32)})[0],
+                                              np.broadcast_to(b, (n, 6)))
+
+
 def test_packed_shapes_and_bias_omitted(lib):
     rng = np.random.default_rng(5)
     w = random_sparse(rng, (7, 40), 0.5)
