@@ -13,7 +13,7 @@ from toolchain.errors import ModelFormatError, RecipeError
 from toolchain.methods.quantize import coding
 from toolchain.methods.quantize.kmeans import init_centroids, kmeans_1d
 from toolchain.methods.quantize.layers import SharedConv2d, SharedLinear, int8_from_dense, shared_from_dense
-from toolchain.methods.quantize.onnx import export_quantized, import_quantized, restore_quantized_layers
+from toolchain.methods.quantize.onnx import export_quantized, import_quantized, shared_groups
 
 
 def _pruned_linear(i=40, o=12, density=0.3, seed=0):
@@ -161,38 +161,51 @@ def _quantize(net, bits=(2, 5, 3)):
     return net
 
 
-def test_portable_decoding_in_onnxruntime_equals_the_torch_layer(tmp_path):
-    net = _quantize(_net()).eval()
+@pytest.mark.parametrize("bits,group", [((2, 5, 3), True), ((2, 3, 3), True), ((2, 2, 2), True), ((2, 3, 3), False)])
+def test_portable_decoding_in_onnxruntime_equals_the_torch_layer(tmp_path, bits, group):
+    net = _quantize(_net(), bits).eval()
+    net.layers()["ip1"].bias_bits = 16  # float16 bias: stored rounded, computed rounded
+    net.layers()["conv1"].bias_bits = 16
+    net.layers()["ip2"].index_bits = 2  # a narrow index: fillers
     x = torch.rand(3, 1, 8, 8)
-    model = export_quantized(net, tmp_path / "q.onnx")
+    model = export_quantized(net, tmp_path / "q.onnx", group=group)
     ours = _run(model.SerializeToString(), x.numpy())
+    groups = {id(g) for g in shared_groups(net).values()} if group else net.layers()
+    assert sum(n.op_type == "ScatterElements" for n in model.graph.node) == len(groups)
     with torch.no_grad():
         ref = net(x).numpy()
     assert np.allclose(ours, ref, atol=1e-5)
     # no float weight matrix is stored: only codebooks, packed uint8 streams and biases
     floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
-    assert all(len(t.dims) <= 1 and sum(t.dims) <= 32 for t in floats)
+    assert all(len(t.dims) <= 1 and sum(t.dims) <= 3 * 32 for t in floats)
 
 
-def test_portable_file_reimports_as_shared_layers(tmp_path):
-    net = _quantize(_net()).eval()
+@pytest.mark.parametrize("bits", [(2, 5, 3), (2, 3, 3), (2, 2, 2), (2, 4, 2)])
+def test_portable_file_reimports_as_shared_layers(tmp_path, bits):
+    net = _quantize(_net(), bits).eval()
+    net.layers()["ip1"].bias_bits = 16
     export_quantized(net, tmp_path / "q.onnx")
     back = import_quantized(tmp_path / "q.onnx")
     layers = back.layers()
     assert isinstance(layers["ip1"], SharedLinear) and isinstance(layers["conv1"], SharedConv2d)
     for name, m in net.layers().items():
         assert torch.equal(layers[name].weight, m.weight.detach())
-        assert layers[name].bits == m.bits
+        assert layers[name].bits == m.bits and layers[name].bias_bits == m.bias_bits
     x = torch.rand(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(back(x), net(x), atol=1e-6)
 
 
 def test_corrupted_codebook_or_stream_is_a_clear_error(tmp_path):
-    net = _quantize(_net()).eval()
+    from toolchain.methods.quantize.onnx import read_records
+
+    net = _quantize(_net(), (2, 3, 3)).eval()
     model = export_quantized(net)
-    for target, edit in (("ip1.codebook", lambda a: a[:-1]), ("ip1.packed", lambda a: a[:-3]),
-                         ("ip1.codebook", lambda a: np.full_like(a, np.nan))):
+    recs = list(read_records(model).values())
+    big = max(recs, key=lambda r: r["entries"])
+    cases = [(big["codebook"], lambda a: a[:-1]), (big["packed"], lambda a: a[:-3]),
+             (big["codebook"], lambda a: np.full_like(a, np.nan))] + [(r["packed"], lambda a: a * 0 + 255) for r in recs]
+    for target, edit in cases:
         m = onnx.ModelProto()
         m.CopyFrom(model)
         for t in m.graph.initializer:
@@ -201,6 +214,11 @@ def test_corrupted_codebook_or_stream_is_a_clear_error(tmp_path):
         with pytest.raises(ModelFormatError) as e:
             import_quantized(m)
         assert "\n" not in str(e.value)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.metadata_props[0].value = m.metadata_props[0].value.replace('"b":', '"b":"x",')
+    with pytest.raises(ModelFormatError, match="malformed"):
+        import_quantized(m)
 
 
 def test_int8_qdq_and_dense_form_run_in_stock_onnxruntime(tmp_path):

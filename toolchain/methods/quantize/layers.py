@@ -47,6 +47,15 @@ class _Shared(nn.Module):
         self.register_buffer("codes", torch.zeros(self.weight_shape, dtype=torch.long))
         self.register_buffer("mask", torch.zeros(self.weight_shape, dtype=torch.bool))
         self.bias = nn.Parameter(torch.zeros(bias_size)) if bias_size else None
+        self.index_bits: int | None = None  # relative-index width in the compact file (None: the smallest file)
+        self.bias_bits = 32  # 16: the bias is stored (and computed with) rounded to float16
+
+    @property
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias as stored: rounded to float16 when bias_bits == 16 (straight-through gradient)."""
+        if self.bias is None or self.bias_bits == 32:
+            return self.bias
+        return self.bias + (self.bias.half().to(self.bias.dtype) - self.bias).detach()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -79,11 +88,12 @@ class _Shared(nn.Module):
         self.mask.copy_(torch.from_numpy(m))
 
     def get_extra_state(self):
-        return {"bits": self.bits}
+        return {"bits": self.bits, "index_bits": self.index_bits, "bias_bits": self.bias_bits}
 
     def set_extra_state(self, state) -> None:
         if int(state["bits"]) != self.bits:
             raise ValueError(f"state has {state['bits']} bits, layer has {self.bits}")
+        self.index_bits, self.bias_bits = state.get("index_bits"), int(state.get("bias_bits", 32))
 
 
 @register_layer_type
@@ -94,7 +104,7 @@ class SharedLinear(_Shared):
         self._init_shared((out_features, in_features), bits, out_features if bias else None)
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.effective_bias)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
@@ -114,7 +124,7 @@ class SharedConv2d(_Shared):
         self._init_shared(shape, bits, out_channels if bias else None)
 
     def forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self.weight, self.effective_bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -10,7 +10,8 @@ imported as dense-with-zeros layers quantizes the same way.
     method = "share"      # "share" (k-means codebook, retrained) or "int8" (per-channel symmetric)
     bits = 5              # 2**bits shared values, 1..8 (share only)
     init = "linear"       # "linear" (default), "density" or "random" centroid initialisation
-    index_bits = 5        # width of the relative index fields in the compact file (1..8)
+    index_bits = 0        # width of the relative index fields in the compact file (1..8; 0: smallest file)
+    bias_bits = 32        # 16: biases stored as float16
     [stage.retrain]       # retraining of the shared values (the codebooks and biases)
     epochs = 2
 
@@ -48,7 +49,8 @@ class QuantizeLayerOptions:
     method: str = "share"
     bits: int = 5
     init: str = "linear"
-    index_bits: int = 5
+    index_bits: int = 0  # relative-index width in the file, 1..8; 0: the width giving the smallest file
+    bias_bits: int = 32  # 16: store the bias as float16 (share only; training sees the rounded bias)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -57,8 +59,10 @@ class QuantizeLayerOptions:
             raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, not {self.bits!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
-        if not isinstance(self.index_bits, int) or isinstance(self.index_bits, bool) or not 1 <= self.index_bits <= 8:
-            raise ValueError(f"index_bits must be an integer in 1..8, not {self.index_bits!r}")
+        if not isinstance(self.index_bits, int) or isinstance(self.index_bits, bool) or not 0 <= self.index_bits <= 8:
+            raise ValueError(f"index_bits must be an integer in 1..8 (0: automatic), not {self.index_bits!r}")
+        if self.bias_bits not in (16, 32):
+            raise ValueError(f"bias_bits must be 16 or 32, not {self.bias_bits!r}")
 
 
 def _compressed_kinds() -> tuple[type, ...]:
@@ -120,7 +124,9 @@ def make_pass_class(CompressionPass, TrainHooks):
                     new = shared_from_dense(layer, lo.bits, lo.init, self.options.seed, self.options.iterations)
                 else:
                     new = int8_from_dense(layer)
-                new.index_bits = lo.index_bits
+                if isinstance(new, _Shared):
+                    new.index_bits = lo.index_bits or None
+                    new.bias_bits = lo.bias_bits
                 net.replace_layer(name, new)
 
         def hooks(self, net: nn.Module):
