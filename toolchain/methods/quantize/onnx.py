@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,10 +102,11 @@ def _shared_consts(ctx) -> dict:
 
 
 def _const(ctx, key: str, array) -> str:
-    """An initializer shared by every quantized layer of the graph (pow2 tables, small scalars)."""
+    """An initializer shared by every quantized layer of the graph (pow2 tables, small scalars),
+    with a short name (the graph's bytes count in the file size)."""
     cache = _shared_consts(ctx)
     if key not in cache:
-        cache[key] = ctx.add_initializer(f"q.{key}", np.asarray(array))
+        cache[key] = ctx.add_initializer(f"k{len(cache)}", np.asarray(array))
     return cache[key]
 
 
@@ -206,7 +208,7 @@ def emit_group(ctx, layers: list[tuple[str, _Shared]]) -> dict[str, str]:
         if not whole:
             part = ctx.fresh(f"{name}.weight")
             ctx.add_node("Slice", [flat, _i64(ctx, [start]), _i64(ctx, [start + size])], [part], name=part)
-        out[name] = ctx.fresh(f"{name}.weight_shaped")
+        out[name] = ctx.fresh(f"{name}.W")
         ctx.add_node("Reshape", [part, _i64(ctx, list(m.weight_shape))], [out[name]], name=out[name])
     return out
 
@@ -489,7 +491,20 @@ def export_quantized(net, path=None, form: str = "portable", opset: int = 17, gr
         return converters.export_onnx(d, path, opset=opset, form="dense")
     if form not in ("portable", "fast"):
         raise ValueError(f"form must be portable, fast or dense, not {form!r}")
-    return export_compressed(net, path, form=form, opset=opset) if not group else _export_grouped(net, path, form, opset)
+    if not group:
+        return export_compressed(net, path, form=form, opset=opset)
+    model = _export_grouped(net, None, form, opset)
+    for node in model.graph.node:  # node names are optional; the decoding nodes' (q, q_1, ...) cost bytes
+        if _DECODE_NODE.match(node.name) and list(node.output) == [node.name]:
+            node.name = ""
+    if path is not None:
+        from toolchain.fileio import atomic_write_bytes
+
+        atomic_write_bytes(path, model.SerializeToString())
+    return model
+
+
+_DECODE_NODE = re.compile(r"^q(_\d+)?$")
 
 
 GROUP_OVERHEAD_BYTES = 700  # about what one group's decoding nodes and constants add to the file
