@@ -1,4 +1,4 @@
-"""GraphModule -> ONNX (our own emitter), and plain torch modules -> ONNX (torch.onnx.export).
+"""Network -> ONNX (our own emitter), and plain torch modules -> ONNX (torch.onnx.export).
 
 `export_onnx` walks the graph and calls, for each node, the emitter registered for its module's
 type (converters/ops: `@register_emitter(nn.Linear)`); emitters build nodes and initializers through
@@ -18,11 +18,11 @@ import torch
 import torch.nn as nn
 from onnx import helper, numpy_helper
 
-from toolchain.errors import ModelFormatError, ToolchainError
-from toolchain.fileio import atomic_write_bytes
+from converters.errors import ModelFormatError, ToolchainError
+from converters.fileio import atomic_write_bytes
 
 from . import ops as _ops  # noqa: F401  (registers the emitters)
-from .graph import GraphModule
+from .ir import Network
 from .ops.registry import MAX_OPSET, find_emitter, onnx_dtype
 
 __all__ = ["ExportContext", "export_onnx", "torch_to_onnx", "MIN_EXPORT_OPSET"]
@@ -124,12 +124,12 @@ class ExportContext:
             return None
 
     def const(self, value: str) -> np.ndarray | None:
-        """The value of a graph constant (GraphModule.consts), else None."""
+        """The value of a graph constant (Network.consts), else None."""
         t = self._constants.get(value)
         return None if t is None else t.detach().cpu().numpy()
 
 
-def _trace(net: GraphModule) -> tuple[dict[str, list], dict[str, torch.dtype]]:
+def _trace(net: Network) -> tuple[dict[str, list], dict[str, torch.dtype]]:
     """Shapes and dtypes of all values, from running the net on zero inputs of batch size 1."""
     for name in net.input_names:
         dims = net.input_shapes.get(name)
@@ -173,12 +173,14 @@ def _value_info(name: str, dtype: torch.dtype, dims: list | None) -> onnx.ValueI
     return helper.make_tensor_value_info(name, onnx_dtype(dtype), shape)
 
 
-def export_onnx(net: GraphModule, path: str | os.PathLike | None = None, opset: int = 17, *,
-                check: bool = True, **options) -> onnx.ModelProto:
+def export_onnx(net: Network, path: str | os.PathLike | None = None, opset: int = 17, *,
+                check: bool = True, producer: tuple[str, str] = ("converters", ""),
+                metadata: dict[str, str] | None = None, **options) -> onnx.ModelProto:
     """Write `net` as an ONNX model (atomically to `path`, if given) and return it.
 
     Every node's module is written by the emitter registered for its type; a module type without
     one raises ModelFormatError. The result passes onnx.checker (full_check) unless check=False.
+    `producer` is (name, version); `metadata` entries join the emitters' records in `metadata_props`.
     Extra keyword `options` reach the emitters as `ctx.options`.
     """
     if not MIN_EXPORT_OPSET <= opset <= MAX_OPSET:
@@ -210,8 +212,6 @@ def export_onnx(net: GraphModule, path: str | os.PathLike | None = None, opset: 
     for n in net.output_names:
         dtype = dtypes.get(n) or (constants[n].dtype if n in constants else torch.float32)
         outputs.append(_value_info(n, dtype, _output_dims(shapes.get(n), net.output_shapes.get(n))))
-    from toolchain import __version__
-
     if any(not o.type.tensor_type.HasField("shape") for o in outputs):
         outputs = _infer_output_types(ctx, inputs, outputs)
     model, graph = ctx.model, ctx.graph
@@ -220,8 +220,8 @@ def export_onnx(net: GraphModule, path: str | os.PathLike | None = None, opset: 
     graph.input.extend(inputs)
     graph.output.extend(outputs)
     model.opset_import.extend(helper.make_opsetid(d, v) for d, v in ctx.opsets.items())
-    model.producer_name, model.producer_version = "toolchain", __version__
-    for key, value in sorted(ctx.metadata.items()):
+    model.producer_name, model.producer_version = producer
+    for key, value in sorted({**ctx.metadata, **(metadata or {})}.items()):
         model.metadata_props.add(key=key, value=value)
     model.ir_version = max(7, helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
     data = _serialize(model)

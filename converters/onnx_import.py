@@ -1,4 +1,4 @@
-"""ONNX -> GraphModule.
+"""ONNX -> Network.
 
 Pipeline: parse and validate (structure, onnx.checker) -> shape inference -> constant folding
 (Constant nodes, nodes whose inputs are all constant, Shape -> Gather/Slice/Concat chains over
@@ -22,13 +22,19 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from toolchain.errors import ModelFormatError
+from converters.errors import ModelFormatError
 
 from . import ops as _ops  # noqa: F401  (registers the converters)
-from .graph import GraphModule, Node, is_layer, safe_key
+from .registry import Registry
+from .ir import Network, Node, is_layer, safe_key
 from .ops.registry import FOLDED_OPS, Converted, OnnxNode, find_converter, normalize_domain, supported_ops, torch_dtype
 
-__all__ = ["import_onnx", "load_model"]
+__all__ = ["import_onnx", "load_model", "RESTORERS"]
+
+# name -> fn(net, model): run after every import, in registration order. A compression method whose
+# exported form folds to plain layers registers one to turn them back into its own layer type
+# (from the record it wrote in the model's metadata); the format layer knows none of them.
+RESTORERS: Registry = Registry("import restorer")
 
 # shape-like initializers (and small ones) are kept for shape inference; big ones become typed inputs
 _SMALL_INIT = 1024
@@ -40,17 +46,16 @@ _AUTO_NODE = re.compile(r"^((linear|conv\w*|gemm|matmul|addmm|mm|add)(_\d+)?|)$"
 _WEIGHT_SUFFIX = re.compile(r"(\.weight|_weight|\.W|_W|\.w|_w_0|_W_0|_w|\.bias|_bias|\.b|_b_0|_B_0|_b|_B|\.scale|_scale)(\.T)?$")
 
 
-def import_onnx(src: str | os.PathLike | bytes | onnx.ModelProto, *, dynamic_batch: bool = True) -> GraphModule:
-    """Convert an ONNX model (path, serialized bytes or ModelProto) to a trainable GraphModule.
+def import_onnx(src: str | os.PathLike | bytes | onnx.ModelProto, *, dynamic_batch: bool = True) -> Network:
+    """Convert an ONNX model (path, serialized bytes or ModelProto) to a trainable Network.
 
     Raises ModelFormatError (one line) for files that are not ONNX, fail validation or use
     unsupported ops.
     """
     model, label = load_model(src)
     net = _Importer(model, label, dynamic_batch).run()
-    from .export_hashed import restore_hashed_layers  # late: it imports toolchain.layers, which imports us
-
-    restore_hashed_layers(net, model)
+    for restore in RESTORERS.values():
+        restore(net, model)
     return net
 
 
@@ -221,7 +226,7 @@ class _Importer:
         return float(np.asarray(c).reshape(-1)[0]) if c is not None and np.size(c) == 1 else None
 
     # ---------------------------------------------------------------- pipeline
-    def run(self) -> GraphModule:
+    def run(self) -> Network:
         for node in self.nodes:
             if not (node.domain == "" and node.op_type in FOLDED_OPS):
                 self._converter(node)
@@ -643,7 +648,7 @@ class _Importer:
         return lrn, list(region.values()) + [mul, add, pw, div]
 
     # ---------------------------------------------------------------- building
-    def _build(self) -> GraphModule:
+    def _build(self) -> Network:
         converted = [(node, self._convert(node)) for node in self.nodes]
         keys: set[str] = set()
 
@@ -687,7 +692,7 @@ class _Importer:
                 output_shapes[out.name] = list(dims)
         dtypes = {v.name: torch_dtype(v.type.tensor_type.elem_type) for v in self.graph_inputs}
         try:
-            net = GraphModule(nodes, modules, constants, self.input_names, self.output_names,
+            net = Network(nodes, modules, constants, self.input_names, self.output_names,
                               {k: v for k, v in self.input_shapes.items() if v is not None}, dtypes, output_shapes,
                               name=self.model.graph.name or "graph")
         except ValueError as e:

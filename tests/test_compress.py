@@ -4,10 +4,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import toolchain.compress as compress_mod
+import toolchain.driver as compress_mod
 from converters import import_onnx
 from toolchain.cli import main
-from toolchain.compress import compress_network
+from toolchain.driver import compress_network
 from toolchain.recipe import parse_recipe
 
 RECIPE = """

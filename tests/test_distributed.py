@@ -19,8 +19,8 @@ import torch.nn as nn
 
 from toolchain import distributed as dist_
 from toolchain.errors import ToolchainError
-from toolchain.layers.masked import masked_from_dense
-from toolchain.passes.prune import density_keep
+from toolchain.methods.prune.layers import masked_from_dense
+from toolchain.methods.prune.passes import density_keep
 from toolchain.train import TrainConfig, TrainHooks, evaluate, train
 from toolchain.zoo import create_model
 
@@ -131,7 +131,7 @@ def scenario(name: str, outdir: Path) -> dict:
         out["sum"] = dist_.all_reduce_sum([r + 1, 0.5])
         out["bounds"] = dist_.shard_bounds(15)
     elif name in ("compress", "compress-stop"):
-        from toolchain import compress as driver
+        from toolchain import driver
 
         calls, real_train = [0], driver.train
 
@@ -177,7 +177,7 @@ lr_policy = "fixed"
 
 def _graph_lenet():
     """LeNet-300-100 as the compress driver's graph IR (what converters.import_onnx returns)."""
-    from converters.graph import GraphModule, Node
+    from converters.ir import Network, Node
 
     torch.manual_seed(0)
     seq = create_model("lenet-300-100")
@@ -186,11 +186,11 @@ def _graph_lenet():
     for name, op in ops.items():
         nodes.append(Node(name, op, [value], [f"{name}_out"]))
         value = f"{name}_out"
-    return GraphModule(nodes, dict(seq.named_children()), {}, ["data"], [value], {"data": ["N", 1, 28, 28]})
+    return Network(nodes, dict(seq.named_children()), {}, ["data"], [value], {"data": ["N", 1, 28, 28]})
 
 
 def run_compress(checkpoint, resume=False):
-    from toolchain.compress import compress_network
+    from toolchain.driver import compress_network
     from toolchain.recipe import parse_recipe
 
     x, y, tx, ty = _data()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from converters import import_onnx
-from converters.sparse_format import decode, encode
+from toolchain.methods.prune.sparse_format import decode, encode
 from toolchain.cli import main
-from toolchain.export import export_compressed
-from toolchain.layers.masked import masked_from_dense
+from toolchain.exporter import export_compressed
+from toolchain.methods.prune.layers import masked_from_dense
 from toolchain.measure import measure
 from toolchain.runtime import make_session
 

@@ -13,13 +13,13 @@ import torch
 import torch.nn as nn
 
 from toolchain.errors import RecipeError
-from toolchain.layers.hashed import (PRIME, HashedConv2d, HashedLinear, fmix32, hash_buckets, hash_coefficients,
+from toolchain.methods.hashed.layers import (PRIME, HashedConv2d, HashedLinear, fmix32, hash_buckets, hash_coefficients,
                                      hash_signs, hashed_from_dense, poly_hash)
-from toolchain.passes.baselines import equivalent_width, hashed_mlp, mlp_weights, random_keep_mask
-from toolchain.passes.lowrank import layer_seed
+from toolchain.methods.hashed.baselines import equivalent_width, hashed_mlp, mlp_weights, random_keep_mask
+from toolchain.methods.lowrank.passes import layer_seed
 from toolchain.recipe import parse_recipe
 
-from conftest import graph_from_sequential
+from converters import from_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +67,7 @@ def test_buckets_are_spread_and_seed_dependent():
 
 
 def test_hashing_identical_across_processes():
-    code = ("import json; from toolchain.layers.hashed import hash_buckets, hash_signs; "
+    code = ("import json; from toolchain.methods.hashed.layers import hash_buckets, hash_signs; "
             "print(json.dumps([hash_buckets(12345, 5000, 97).tolist(), hash_signs(12345, 5000).tolist()]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
                          env={"PYTHONHASHSEED": "987", "PATH": ""})
@@ -166,7 +166,7 @@ def _recipe(layers: str, extra: str = "") -> str:
 
 
 def test_pass_replaces_layers_and_keeps_teacher():
-    net = graph_from_sequential(small_mlp(), (1, 8, 8))
+    net = from_module(small_mlp(), torch.zeros(2, 1, 8, 8))
     x = torch.randn(4, 1, 8, 8)
     before = net(x).detach()
     recipe = parse_recipe(_recipe("[stage.layers.default]\ncompression = 0.125\ninit = \"dense\""))
@@ -190,7 +190,7 @@ def test_pass_replaces_layers_and_keeps_teacher():
     ("[stage.layers.ip9]\ncompression = 0.5", "not in the model"),
 ])
 def test_recipe_errors(table, message):
-    net = graph_from_sequential(small_mlp(), (1, 8, 8))
+    net = from_module(small_mlp(), torch.zeros(2, 1, 8, 8))
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         recipe = parse_recipe(_recipe(table))
         p = recipe.stages[0].make_pass(net)
@@ -217,9 +217,9 @@ def test_equivalent_width_and_hashed_mlp():
 
 
 def test_random_edges_pass_keeps_a_fixed_random_mask():
-    from toolchain.layers.masked import MaskedLinear
+    from toolchain.methods.prune.layers import MaskedLinear
 
-    net = graph_from_sequential(small_mlp(), (1, 8, 8))
+    net = from_module(small_mlp(), torch.zeros(2, 1, 8, 8))
     recipe = parse_recipe("[[stage]]\npass = \"random_edges\"\n[stage.layers.default]\ndensity = 0.125\n"
                           "[stage.layers.ip2]\ndensity = 0.5\ninit = \"random\"\n")
     p = recipe.stages[0].make_pass(net)
@@ -233,7 +233,7 @@ def test_random_edges_pass_keeps_a_fixed_random_mask():
 # ----- export --------------------------------------------------------------------------------------
 
 def _hashed_graph(seq, compression, input_shape=(1, 28, 28)):
-    net = graph_from_sequential(seq, input_shape)
+    net = from_module(seq, torch.zeros(2, *input_shape))
     recipe = parse_recipe(_recipe(f"[stage.layers.default]\ncompression = {compression}"))
     recipe.stages[0].make_pass(net).apply(net, 0)
     return net.eval()
@@ -243,7 +243,7 @@ def _hashed_graph(seq, compression, input_shape=(1, 28, 28)):
 def test_export_is_k_sized_and_matches_torch(tmp_path, opset):
     import onnxruntime as ort
 
-    from toolchain.export import export_compressed
+    from toolchain.exporter import export_compressed
     from toolchain.measure import measure
 
     torch.manual_seed(0)
@@ -267,7 +267,7 @@ def test_export_is_k_sized_and_matches_torch(tmp_path, opset):
 def test_export_hashed_conv_net(tmp_path):
     import onnxruntime as ort
 
-    from toolchain.export import export_compressed
+    from toolchain.exporter import export_compressed
 
     torch.manual_seed(0)
     seq = nn.Sequential(OrderedDict(conv1=nn.Conv2d(1, 20, 5), pool1=nn.MaxPool2d(2), conv2=nn.Conv2d(20, 50, 5, padding=1),
@@ -286,9 +286,9 @@ def test_export_hashed_conv_net(tmp_path):
 
 def test_compress_lenet300_end_to_end(tmp_path, lenet300_path, mnist_small):
     from converters import import_onnx
-    from toolchain.compress import compress_network
-    from toolchain.evaluate import evaluate_onnx
-    from toolchain.export import export_compressed
+    from toolchain.driver import compress_network
+    from toolchain.accuracy import evaluate_onnx
+    from toolchain.exporter import export_compressed
 
     net = import_onnx(lenet300_path)
     recipe = parse_recipe(_recipe("[stage.layers.default]\ncompression = 0.125\ninit = \"dense\"").replace(
@@ -308,7 +308,7 @@ def test_hashed_file_reimports_as_hashed_layers(tmp_path, caplog):
     import onnx
 
     from converters import import_onnx
-    from toolchain.export import export_compressed
+    from toolchain.exporter import export_compressed
 
     torch.manual_seed(0)
     seq = nn.Sequential(OrderedDict(conv1=nn.Conv2d(1, 8, 5), pool1=nn.MaxPool2d(2), flatten=nn.Flatten(),

@@ -153,7 +153,7 @@ def test_bad_input_is_a_one_line_data_error(imagenet_dir, tmp_path):
 
 
 def test_one_alexnet_sgd_step_on_an_image_folder(imagenet_dir):
-    from toolchain.compress import load_training_data
+    from toolchain.driver import load_training_data
     from toolchain.recipe import Recipe
     from toolchain.train import TrainConfig, evaluate, train
     from toolchain.zoo import create_model, get_model_spec
@@ -180,7 +180,7 @@ def test_one_alexnet_sgd_step_on_an_image_folder(imagenet_dir):
 def test_onnx_eval_on_an_image_folder(imagenet_dir, tmp_path):
     """`toolchain eval --dataset imagenet` scores a colour classifier perfectly on the val folder."""
     from toolchain.cli import main
-    from toolchain.evaluate import evaluate_onnx
+    from toolchain.accuracy import evaluate_onnx
 
     class ColourNet(nn.Module):
         def forward(self, x):  # logits of (red, green, blue, 0, 0, 0): BGR input, so channels 2, 1, 0
@@ -197,7 +197,7 @@ def test_onnx_eval_on_an_image_folder(imagenet_dir, tmp_path):
 
 
 def test_alexnet_prune_recipe_follows_han_et_al():
-    from converters.graph import GraphModule, Node
+    from converters.ir import Network, Node
 
     from toolchain.recipe import load_recipe
     from toolchain.zoo import MODELS_DIR, create_model
@@ -209,7 +209,7 @@ def test_alexnet_prune_recipe_follows_han_et_al():
     for name, module in seq.named_children():
         nodes.append(Node(name, type(module).__name__, [value], [f"{name}_out"]))
         value = f"{name}_out"
-    net = GraphModule(nodes, dict(seq.named_children()), {}, ["data"], [value], {"data": ["N", 3, 227, 227]})
+    net = Network(nodes, dict(seq.named_children()), {}, ["data"], [value], {"data": ["N", 3, 227, 227]})
     table4 = {"conv1": 0.84, "conv2": 0.38, "conv3": 0.35, "conv4": 0.37, "conv5": 0.37,
               "fc6": 0.09, "fc7": 0.09, "fc8": 0.25}
     got = {}

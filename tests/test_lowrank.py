@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 
 from toolchain.errors import RecipeError
-from toolchain.layers.lowrank import (LowRankConv2d, LowRankLinear, dictionary_factorize, kernel_dictionary,
+from toolchain.methods.lowrank.layers import (LowRankConv2d, LowRankLinear, dictionary_factorize, kernel_dictionary,
                                       make_dictionary, rank_for_energy, svd_factorize)
-from toolchain.passes.lowrank import input_layouts
+from toolchain.methods.lowrank.passes import input_layouts
 from toolchain.recipe import parse_recipe
 
-from conftest import graph_from_sequential
+from converters import from_module
 
 
 
@@ -160,13 +160,13 @@ def test_conv_dictionary_and_random_init():
 # ----- pass ----------------------------------------------------------------------------------------
 
 def test_input_layouts_found_through_flatten():
-    assert input_layouts(graph_from_sequential(lenet300(), (1, 28, 28)), ["ip1", "ip2"]) == {"ip1": (28, 28), "ip2": None}
-    assert input_layouts(graph_from_sequential(lenet5(), (1, 28, 28)), ["conv1", "conv2", "ip1", "ip2"]) == {
+    assert input_layouts(from_module(lenet300(), torch.zeros(2, 1, 28, 28)), ["ip1", "ip2"]) == {"ip1": (28, 28), "ip2": None}
+    assert input_layouts(from_module(lenet5(), torch.zeros(2, 1, 28, 28)), ["conv1", "conv2", "ip1", "ip2"]) == {
         "conv1": (5, 5), "conv2": (20, 5, 5), "ip1": (50, 4, 4), "ip2": None}
 
 
 def test_svd_pass_by_compression_and_energy():
-    net = graph_from_sequential(lenet300(), (1, 28, 28))
+    net = from_module(lenet300(), torch.zeros(2, 1, 28, 28))
     recipe = parse_recipe(stage("[stage.layers.ip1]\ncompression = 0.2\n[stage.layers.ip2]\nenergy = 1.0"))
     p = recipe.stages[0].make_pass(net)
     x = torch.rand(5, 1, 28, 28)
@@ -182,7 +182,7 @@ def test_svd_pass_by_compression_and_energy():
 
 
 def test_denil_pass_on_lenet5():
-    net = graph_from_sequential(lenet5(), (1, 28, 28))
+    net = from_module(lenet5(), torch.zeros(2, 1, 28, 28))
     recipe = parse_recipe(stage("[stage.layers.default]\nmethod = \"denil\"\ncompression = 0.25\ncolumns = 2\n"
                                 "[stage.layers.ip2]\nmethod = \"denil\"\ndictionary = \"identity\"\ncompression = 0.2"))
     p = recipe.stages[0].make_pass(net)
@@ -210,7 +210,7 @@ def test_denil_pass_on_lenet5():
      "layout (10, 10) has 100 inputs"),  # ip1 was fine, but is not replaced either
 ])
 def test_recipe_errors(table, message):
-    net = graph_from_sequential(lenet300(), (1, 28, 28))
+    net = from_module(lenet300(), torch.zeros(2, 1, 28, 28))
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         recipe = parse_recipe(stage(table))
         recipe.stages[0].make_pass(net).apply(net, 0)
@@ -233,11 +233,11 @@ def _run_onnx(path, x):
     (lenet5, "[stage.layers.conv2]\nrank = 10\n[stage.layers.ip1]\nenergy = 0.5"),
 ])
 def test_export_matches_torch_and_stores_the_factors(tmp_path, model, table):
-    from toolchain.export import export_compressed
-    from toolchain.layers.lowrank import _LowRank
+    from toolchain.exporter import export_compressed
+    from toolchain.methods.lowrank.layers import _LowRank
     from toolchain.measure import measure
 
-    net = graph_from_sequential(model(), (1, 28, 28))
+    net = from_module(model(), torch.zeros(2, 1, 28, 28))
     recipe = parse_recipe(stage(table))
     recipe.stages[0].make_pass(net).apply(net, 0)
     net.eval()
@@ -263,9 +263,9 @@ def test_export_matches_torch_and_stores_the_factors(tmp_path, model, table):
 
 def test_finetuning_end_to_end(tmp_path, lenet300_path, mnist_small):
     from converters import import_onnx
-    from toolchain.compress import compress_network
-    from toolchain.evaluate import evaluate_onnx
-    from toolchain.export import export_compressed
+    from toolchain.driver import compress_network
+    from toolchain.accuracy import evaluate_onnx
+    from toolchain.exporter import export_compressed
 
     net = import_onnx(lenet300_path)
     recipe = parse_recipe("[[stage]]\npass = \"lowrank\"\nteacher = true\n[stage.layers.ip1]\nrank = 40\n"

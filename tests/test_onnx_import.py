@@ -1,4 +1,4 @@
-"""ONNX importer: per-op semantics against onnxruntime, folding/fusion, naming, the GraphModule API,
+"""ONNX importer: per-op semantics against onnxruntime, folding/fusion, naming, the Network API,
 and errors for bad input. Every case also re-exports with our emitter and re-runs onnxruntime."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from converters import GraphModule, export_onnx, import_onnx, supported_ops
+from converters import Network, export_onnx, import_onnx, supported_ops
 from converters.ops.layers import LocalResponseNorm
 from toolchain.errors import ModelFormatError
 
@@ -547,7 +547,7 @@ def test_unsupported_op_names_op_node_and_opset():
 
 def test_graph_module_is_a_module():
     net = import_onnx(_lenet_like_bytes())
-    assert isinstance(net, GraphModule) and isinstance(net, nn.Module)
+    assert isinstance(net, Network) and isinstance(net, nn.Module)
     assert net.input_shapes == {"x": ["N", 4]} and net.output_names == ["y"]
 
 

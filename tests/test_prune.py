@@ -8,10 +8,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from converters import import_onnx
-from toolchain.layers.masked import MaskedLinear
-from toolchain.passes import get_pass
-from toolchain.passes.prune import PruneLayerOptions, PruneOptions, cubic_density, quality_threshold
-from toolchain.passes.surgery import remove_dead_units
+from toolchain.methods.prune.layers import MaskedLinear
+from toolchain.methods import get_pass
+from toolchain.methods.prune.passes import PruneLayerOptions, PruneOptions, cubic_density, quality_threshold
+from toolchain.methods.prune.surgery import remove_dead_units
 from toolchain.train import TrainConfig, train
 
 
@@ -131,7 +131,7 @@ def test_dead_channel_removal_through_pool_and_flatten(lenet5_path):
 
 
 def MaskedLinear_from(layer):
-    from toolchain.layers.masked import masked_from_dense
+    from toolchain.methods.prune.layers import masked_from_dense
 
     return masked_from_dense(copy.deepcopy(layer))
 

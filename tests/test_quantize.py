@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import graph_from_sequential
+from converters import from_module
 from toolchain.errors import ModelFormatError, RecipeError
 from toolchain.methods.quantize import coding
 from toolchain.methods.quantize.kmeans import init_centroids, kmeans_1d
@@ -147,7 +147,7 @@ def _net(seed=0, density=0.25):
     seq.add_module("ip1", nn.Linear(4 * 6 * 6, 20))
     seq.add_module("relu2", nn.ReLU())
     seq.add_module("ip2", nn.Linear(20, 5))
-    net = graph_from_sequential(seq, (1, 8, 8))
+    net = from_module(seq, torch.zeros(1, 1, 8, 8))
     with torch.no_grad():
         for name, m in net.layers().items():
             m.weight.mul_(torch.rand_like(m.weight) < density)
@@ -244,7 +244,7 @@ def test_int8_qdq_and_dense_form_run_in_stock_onnxruntime(tmp_path):
     big.add_module("ip1", nn.Linear(64, 256))
     big.add_module("relu", nn.ReLU())
     big.add_module("ip2", nn.Linear(256, 10))
-    g = _quantize(graph_from_sequential(big, (1, 8, 8)), bits=(4, 4)).eval()
+    g = _quantize(from_module(big, torch.zeros(1, 1, 8, 8)), bits=(4, 4)).eval()
     export_quantized(g, tmp_path / "dense.onnx", form="dense")
     dense_model = onnx.load(tmp_path / "dense.onnx")
     assert {n.op_type for n in dense_model.graph.node} <= {"Flatten", "Gemm", "Relu", "MatMul", "Add", "Reshape"}
@@ -259,7 +259,7 @@ def test_int8_qdq_and_dense_form_run_in_stock_onnxruntime(tmp_path):
 
 # ----------------------------------------------------------------------------- recipe
 def test_recipe_prune_then_share_composes_and_validates():
-    from toolchain.compress import compress_network
+    from toolchain.driver import compress_network
     from toolchain.recipe import parse_recipe
 
     text = """
@@ -290,8 +290,8 @@ def test_recipe_prune_then_share_composes_and_validates():
 
 
 def test_hashed_layer_cannot_be_quantized():
-    from toolchain.compress import compress_network
-    from toolchain.layers.hashed import hashed_from_dense
+    from toolchain.driver import compress_network
+    from toolchain.methods.hashed.layers import hashed_from_dense
     from toolchain.recipe import parse_recipe
 
     net = _net()

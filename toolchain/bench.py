@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .kernels import DOMAIN
 from .runtime import make_session
 
 
@@ -97,7 +98,7 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     total = 0
     for s in stats:
         # custom sparse ops read their stored arrays; everything else reads the dense weight
-        total += s.stored_bytes if s.op.startswith("ai.toolchain") else 4 * s.params
+        total += s.stored_bytes if s.op.startswith(f"{DOMAIN}.") else 4 * s.params
     return total
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_path
+from converters.fileio import atomic_path
 
 
 def _plt():
@@ -28,7 +28,7 @@ def _save(fig, path: Path) -> Path:
 def sparsity_patterns(net, out_dir) -> list[Path]:
     """One PNG per masked layer: the [out, in] mask; for a layer with 784 inputs also the
     28x28 map of how many connections each input pixel kept."""
-    from .layers.masked import _Masked
+    from .methods.prune.layers import _Masked
 
     plt = _plt()
     out_dir = Path(out_dir)

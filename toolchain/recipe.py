@@ -4,7 +4,7 @@
     dataset = "mnist"
 
     [[stage]]
-    pass = "prune"            # a registered pass (toolchain.passes)
+    pass = "prune"            # a registered pass (toolchain.methods)
     only = "fc"               # optional: "all" (default), "conv" or "fc"
     rounds = 3                # pass options (the pass's Options dataclass)
     [stage.layers.default]    # per-layer options for every layer (the pass's LayerOptions)
@@ -24,14 +24,17 @@ unknown keys, passes, layers, and out-of-range values are RecipeErrors.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.nn as nn
 
+from converters.ir import safe_key
+
 from .errors import RecipeError
-from .passes import CompressionPass, get_pass
+from .methods import CompressionPass, get_pass
 from .train import TrainConfig
 
 TOP_KEYS = {"seed", "dataset", "stage", "description"}
@@ -57,11 +60,27 @@ class Stage:
 
 @dataclass
 class Recipe:
+    """A validated compression recipe. Build one from a TOML file (`Recipe.load`), TOML text
+    (`Recipe.parse`) or Python tables (`Recipe.from_dict`, the same keys as the TOML file)."""
+
     path: str
     seed: int = 0
     dataset: str = "mnist"
     stages: list[Stage] = field(default_factory=list)
     description: str = ""
+    source: str = ""  # its tables as compact JSON (comments dropped), recorded in exported files
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        return load_recipe(path)
+
+    @classmethod
+    def parse(cls, text: str, name: str = "<recipe>") -> "Recipe":
+        return parse_recipe(text, name)
+
+    @classmethod
+    def from_dict(cls, tables: dict, name: str = "<recipe>") -> "Recipe":
+        return recipe_from_dict(tables, name)
 
 
 def build_dataclass(cls, table: dict, where: str):
@@ -84,6 +103,13 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    return recipe_from_dict(data, path)
+
+
+def recipe_from_dict(data: dict, path: str = "<recipe>") -> Recipe:
+    """A Recipe from the same tables a TOML recipe holds, as Python dicts and lists (validated alike)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a table (dict), not {type(data).__name__}")
     for k in data:
         if k not in TOP_KEYS:
             raise RecipeError(f"{path}: unknown key {k!r} (allowed: {', '.join(sorted(TOP_KEYS))})")
@@ -117,6 +143,7 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
         if only not in ("all", "conv", "fc"):
             raise RecipeError(f"{where}: only must be 'all', 'conv' or 'fc', not {only!r}")
         recipe.stages.append(Stage(i, pass_cls, options, layers, retrain, only, final))
+    recipe.source = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
     return recipe
 
 
@@ -150,19 +177,25 @@ def resolve_layers(stage: Stage, net: nn.Module) -> dict[str, object]:
     """Per-layer options for the layers this stage compresses (names checked against the model)."""
     layers = net.layers()
     where = f"{stage.pass_cls.name} stage {stage.index + 1}"
-    for lname in stage.layer_tables:
+    # a module path ("features.0") names the layer of a traced module ("features_0")
+    tables = {(safe_key(k) if k not in layers and safe_key(k) in layers else k): v for k, v in stage.layer_tables.items()}
+    for lname in tables:
         if lname != "default" and lname not in layers:
             raise RecipeError(f"{where}: layer {lname!r} is not in the model (layers: {', '.join(layers)})")
-    default = stage.layer_tables.get("default")
+    default = tables.get("default")
     out = {}
     for lname, module in layers.items():
         if stage.only != "all" and _kind(module) != stage.only:
             continue
         if not isinstance(module, stage.pass_cls.layer_types):
-            if lname in stage.layer_tables:
+            if lname in tables:
                 raise RecipeError(f"{where}: layer {lname!r} is a {type(module).__name__}, which this pass cannot compress")
             continue
-        if lname in stage.layer_tables or default is not None:
-            table = merge_layer_tables(stage.pass_cls.LayerOptions, default or {}, stage.layer_tables.get(lname, {}))
+        if lname in tables or default is not None:
+            table = merge_layer_tables(stage.pass_cls.LayerOptions, default or {}, tables.get(lname, {}))
             out[lname] = build_dataclass(stage.pass_cls.LayerOptions, table, f"{where}: layer {lname!r}")
+    if not out:
+        kinds = ", ".join(sorted({type(m).__name__ for m in layers.values()})) or "no weighted layers"
+        raise RecipeError(f"{where} selects no layer of the model (its layers: {', '.join(layers) or 'none'}; "
+                          f"{kinds}); name layers in [stage.layers.NAME] or give [stage.layers.default]")
     return out

@@ -7,8 +7,8 @@ import copy
 import torch
 from tqdm.auto import tqdm
 
-from .layers.masked import masked_from_dense
-from .passes.prune import density_keep
+from .methods.prune.layers import masked_from_dense
+from .methods.prune.passes import density_keep
 from .train import evaluate
 
 DEFAULT_DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist_
 from .errors import DataError, ToolchainError, TrainingDiverged
-from .fileio import atomic_path
+from converters.fileio import atomic_path
 
 
 @dataclass
@@ -160,7 +160,7 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.default_rng([seed, rank, step]).integers(2**31))
 
 
-def _batch_loss(net, xb, yb, n_global: int, world: int, cfg: TrainConfig, hooks: TrainHooks) -> torch.Tensor:
+def _batch_loss(net, xb, yb, n_global: int, world: int, cfg: TrainConfig, hooks: TrainHooks, loss_fn=None) -> torch.Tensor:
     """This rank's share of the loss of one global batch of `n_global` samples.
 
     Per-sample losses are summed and divided by the global batch, times `world` because DDP
@@ -168,7 +168,7 @@ def _batch_loss(net, xb, yb, n_global: int, world: int, cfg: TrainConfig, hooks:
     batch, however unevenly the batch is split.
     """
     out = net(xb)
-    loss = F.cross_entropy(out, yb, reduction="sum")
+    loss = F.cross_entropy(out, yb, reduction="sum") if loss_fn is None else loss_fn(out, yb) * len(yb)
     if hooks.teacher is not None and cfg.distill_temperature > 0:
         t = cfg.distill_temperature
         with torch.no_grad():
@@ -188,11 +188,15 @@ def train(
     resume: bool = False,
     desc: str = "train",
     progress: bool = True,
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """Train `model` in place with SGD; returns it. Resumes from `checkpoint` if asked and present.
 
     `train_x, train_y` are arrays, or `train_x` is a data source and `train_y` None. The model is
     trained on this rank's device (its GPU under torchrun with NCCL) and returned where it was.
+    `make_optimizer(params)` replaces the Caffe-style SGD (cfg's lr schedule then scales the learning
+    rates it was made with); `loss_fn(output, labels)`, a batch mean, replaces the cross-entropy.
     """
     hooks = hooks or TrainHooks()
     source = as_source(train_x, train_y)
@@ -207,7 +211,11 @@ def train(
         hooks.teacher.to(dev).eval()
     torch.manual_seed(cfg.seed if rank == 0 else _rank_seed(cfg.seed, rank, 0))  # dropout differs per rank
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if make_optimizer is None:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = make_optimizer(params)
+    base_lrs = [grp["lr"] for grp in opt.param_groups]
     n = len(source)
     if n == 0:
         raise DataError("no training samples")
@@ -242,9 +250,10 @@ def train(
                 lo, _ = dist_.shard_bounds(len(g), world, rank)
                 xb = random_shift(xb, cfg.augment_shift, aug_gen, n_total=len(g), offset=lo)
             xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
-            for grp in opt.param_groups:
-                grp["lr"] = lr_at(cfg, step / total_steps, step)
-            loss = _batch_loss(net, xb, yb, len(g), world, cfg, hooks)
+            scale = lr_at(cfg, step / total_steps, step) / cfg.lr if cfg.lr else 1.0
+            for grp, base in zip(opt.param_groups, base_lrs):
+                grp["lr"] = base * scale
+            loss = _batch_loss(net, xb, yb, len(g), world, cfg, hooks, loss_fn)
             if cfg.l1:
                 loss = loss + cfg.l1 * sum(p.abs().sum() for n_, p in model.named_parameters() if n_.endswith("weight"))
             if hooks.regularizer is not None:

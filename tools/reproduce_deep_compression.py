@@ -29,12 +29,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from converters.onnx_import import import_onnx  # noqa: E402
-from toolchain.compress import compress_network  # noqa: E402
-from toolchain.methods.quantize.layers import _Shared, int8_from_dense  # noqa: E402
-from toolchain.methods.quantize.onnx import export_quantized, import_quantized  # noqa: E402
-from toolchain.methods.quantize.report import format_table, layer_report, totals  # noqa: E402
-from toolchain.recipe import load_recipe  # noqa: E402
+import toolchain  # noqa: E402
+from toolchain.methods import quantize  # noqa: E402
+
+import_onnx = toolchain.load
+_Shared, int8_from_dense = quantize.layers._Shared, quantize.layers.int8_from_dense
+export_quantized, import_quantized = quantize.onnx.export_quantized, quantize.onnx.import_quantized
+format_table, layer_report, totals = quantize.report.format_table, quantize.report.layer_report, quantize.report.totals
+
 
 CPU = "AMD EPYC Zen 4 (AVX2, FMA, AVX-512 F/BW/VL/VNNI/BF16), 1 onnxruntime thread"
 PAPER = {  # Deep Compression Table 1 and Tables 2/3/4 totals
@@ -93,16 +95,17 @@ def lenet(name: str, args, splits) -> dict:
     out_dir = Path(args.out) if args.out else folder
     out_dir.mkdir(parents=True, exist_ok=True)
     out_file = out_dir / f"{name}-deep-compression.onnx"
-    recipe = load_recipe(args.recipe or folder / "deep-compression.toml")
+    recipe_path = Path(args.recipe or folder / "deep-compression.toml")
     dense_net, net = import_onnx(dense_file), import_onnx(pruned_file)
     totals_dense = {n: int(m.weight.numel()) for n, m in dense_net.layers().items()}
     t0 = time.time()
-    res = compress_network(net, recipe, (tx, ty, vx, vy), progress=False, teacher=dense_net.eval())
+    res = toolchain.compress(net, recipe_path, (tx, ty, vx, vy), progress=False, baseline=dense_file)
     minutes = (time.time() - t0) / 60
     for line in res.lines:
         print(f"  {name}: {line}")
-    net = res.net.eval()
+    net = res.network.eval()
     export_quantized(net, out_file)
+    graph_bytes = out_file.stat().st_size  # before the toolchain's records (recipe, error, baseline)
     back = import_quantized(out_file)  # the file re-imports as weight-sharing layers
     assert all(isinstance(back.layers()[n], _Shared) for n, m in net.layers().items() if isinstance(m, _Shared))
     rows = [layer_report(n, m, totals_dense[n]) for n, m in net.layers().items() if isinstance(m, _Shared)]
@@ -119,7 +122,7 @@ def lenet(name: str, args, splits) -> dict:
     dyn = Path(tempfile.mkstemp(suffix=".onnx")[1])
     export_quantized(import_onnx(pruned_file).eval(), dense_form, form="dense")
     quantize_dynamic(str(dense_form), str(dyn), weight_type=QuantType.QInt8)
-    r = {"name": name, "rows": rows, "dense_form_bytes": dense_form.stat().st_size, "dyn_bytes": dyn.stat().st_size, "minutes": minutes, "val_before": res.error_before, "file": out_file,
+    r = {"name": name, "rows": rows, "graph_bytes": graph_bytes, "dense_form_bytes": dense_form.stat().st_size, "dyn_bytes": dyn.stat().st_size, "minutes": minutes, "val_before": res.error_before, "file": out_file,
          "dense_bytes": dense_file.stat().st_size, "pruned_bytes": pruned_file.stat().st_size,
          "bytes": out_file.stat().st_size, "i8_bytes": i8_file.stat().st_size,
          "val": {"pruned": ort_error(pruned_file, vx, vy), "dc": ort_error(out_file, vx, vy),
@@ -129,6 +132,10 @@ def lenet(name: str, args, splits) -> dict:
         r["test"] = {"dense": ort_error(dense_file, sx, sy), "pruned": ort_error(pruned_file, sx, sy),
                      "dc": ort_error(out_file, sx, sy), "int8": ort_error(i8_file, sx, sy),
                      "dyn": ort_error(dyn, sx, sy)}
+        # the records every shipped file carries (tools/record_metadata.py --check)
+        toolchain.set_metadata(out_file, recipe=toolchain.Recipe.load(recipe_path).source,
+                               test_error=r["test"]["dc"], baseline=dense_file)
+        r["bytes"] = out_file.stat().st_size
     if args.timing:
         r["timing"] = {k: timing(f, vx) for k, f in (("dense", dense_file), ("pruned", pruned_file),
                                                        ("dc", out_file), ("int8", i8_file))}
@@ -142,7 +149,6 @@ def lenet(name: str, args, splits) -> dict:
 def alexnet(args) -> dict:
     """AlexNet with its own seeded init (no ImageNet here): prune to Han et al.'s densities, then
     weight sharing with 8-bit conv / 5-bit fc codebooks, no retraining; the file size is measured."""
-    from toolchain.recipe import parse_recipe
     from toolchain.zoo import get_model_spec
 
     spec = get_model_spec("alexnet")
@@ -162,12 +168,14 @@ pass = "quantize"
 [stage.layers.default]
 bits = 5
 """ + "".join(f"[stage.layers.{n}]\nbits = 8\n" for n in totals_dense if n.startswith("conv"))
-        recipe = parse_recipe(text, "alexnet prune + quantize")
+        recipe = Path(tmp) / "alexnet-pq.toml"
+        recipe.write_text(text)
         t0 = time.time()
-        res = compress_network(net, recipe, None, progress=False)
+        res = toolchain.compress(net, recipe, retrain=False, progress=False, example_input=torch.zeros(1, 3, 227, 227))
         out = Path(tmp) / "alexnet-pq.onnx"
-        export_quantized(res.net.eval(), out)
-        rows = [layer_report(n, m, totals_dense[n]) for n, m in res.net.layers().items() if isinstance(m, _Shared)]
+        export_quantized(res.network.eval(), out)
+        rows = [layer_report(n, m, totals_dense[n]) for n, m in res.network.layers().items()
+                if isinstance(m, _Shared)]
         return {"name": "alexnet", "rows": rows, "minutes": (time.time() - t0) / 60, "dense_bytes": dense_bytes,
                 "bytes": out.stat().st_size}
 
@@ -191,13 +199,15 @@ def main() -> int:
               f"(ours; biases excluded as in the paper)\n")
         print(format_table(r["rows"]))
     print("\n## Table 1 layout: compression (weights, paper's counting) and files\n")
-    print("| network | P | P+Q | P+Q+H | paper P / P+Q / P+Q+H | dense file | our file | file ratio | paper size | run (min) |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|---|---:|")
+    print("| network | P | P+Q | P+Q+H | paper P / P+Q / P+Q+H | dense file | our file (graph) | ratio | "
+          "our file with records | ratio | paper size | run (min) |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|")
     for r in results:
         t, p = totals(r["rows"]), PAPER[r["name"]]
+        g = r.get("graph_bytes", r["bytes"])
         print(f"| {r['name']} | {t['P']:.0f}x | {t['P+Q']:.0f}x | {t['P+Q+H']:.0f}x | {p['P']} / {p['P+Q']} / {p['P+Q+H']} "
-              f"| {r['dense_bytes']:,} | {r['bytes']:,} | {r['dense_bytes'] / r['bytes']:.1f}x | {p['size']} | "
-              f"{r['minutes']:.1f} |")
+              f"| {r['dense_bytes']:,} | {g:,} | {r['dense_bytes'] / g:.1f}x | {r['bytes']:,} | "
+              f"{r['dense_bytes'] / r['bytes']:.1f}x | {p['size']} | {r['minutes']:.1f} |")
     lenets = [r for r in results if "val" in r]
     if lenets:
         print("\n## Errors in stock onnxruntime (validation = the 10k held-out training images"

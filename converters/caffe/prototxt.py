@@ -12,7 +12,7 @@ import numpy as np
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
 
-from toolchain.errors import ModelFormatError
+from converters.errors import ModelFormatError
 
 from . import schema
 

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from toolchain.errors import ModelFormatError
-from toolchain.fileio import atomic_write_bytes
+from converters.errors import ModelFormatError
+from converters.fileio import atomic_write_bytes
 
 from .prototxt import Blob, Layer, filter_layers, parse_prototxt, read_caffemodel
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 from google.protobuf import text_format
 
-from toolchain.errors import ModelFormatError
-from toolchain.fileio import atomic_path, atomic_write_text
+from converters.errors import ModelFormatError
+from converters.fileio import atomic_path, atomic_write_text
 
 from . import schema
 from .to_onnx import caffe_pool_output_size

@@ -2,7 +2,7 @@
 
 Importing this package registers them all; see registry.py for the two registries' contracts.
 """
-from . import elementwise, layers, pooling, scatter, shape, sparse  # noqa: F401  (registration side effects)
+from . import elementwise, layers, pooling, scatter, shape  # noqa: F401  (registration side effects)
 from .registry import (
     ALL_OPSETS,
     Converted,

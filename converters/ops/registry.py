@@ -21,7 +21,8 @@ import onnx
 import torch
 import torch.nn as nn
 
-from toolchain.errors import ModelFormatError
+from ..errors import ModelFormatError
+from ..registry import Registry
 
 MAX_OPSET = onnx.defs.onnx_opset_version()
 ALL_OPSETS = range(1, MAX_OPSET + 1)
@@ -75,8 +76,10 @@ class Converted:
 Converter = Callable[[OnnxNode, ConvertContext], "nn.Module | Converted"]
 Emitter = Callable[..., None]
 
-_CONVERTERS: dict[tuple[str, str], list[tuple[frozenset[int], Converter]]] = {}
-_EMITTERS: dict[type, Emitter] = {}
+# (domain, op_type, opset version) -> converter; (module type) -> emitter. A second registration of
+# the same op at an overlapping opset, or of the same module type, is a RegistryError.
+CONVERTERS: Registry[Converter] = Registry("ONNX converter")
+EMITTERS: Registry[Emitter] = Registry("ONNX emitter")
 
 
 def normalize_domain(domain: str) -> str:
@@ -86,18 +89,11 @@ def normalize_domain(domain: str) -> str:
 def register_converter(op_type: str, opsets: Iterable[int] = ALL_OPSETS, domain: str = ""):
     """Register `fn` as the converter for `op_type` (in `domain`) at the given opset versions."""
 
-    def deco(fn: Converter) -> Converter:
-        _CONVERTERS.setdefault((normalize_domain(domain), op_type), []).append((frozenset(opsets), fn))
-        return fn
-
-    return deco
+    return CONVERTERS.register(*((normalize_domain(domain), op_type, v) for v in opsets))
 
 
 def find_converter(op_type: str, domain: str, opset: int) -> Converter | None:
-    for versions, fn in _CONVERTERS.get((normalize_domain(domain), op_type), []):
-        if opset in versions:
-            return fn
-    return None
+    return CONVERTERS.get((normalize_domain(domain), op_type, opset))
 
 
 # handled by the importer itself: Constant is folded, If is inlined when its condition is constant
@@ -106,18 +102,13 @@ FOLDED_OPS = ("Constant", "If")
 
 def supported_ops() -> list[str]:
     """Sorted op types the importer converts ("domain::Op" outside the default ONNX domain)."""
-    return sorted({op if not dom else f"{dom}::{op}" for dom, op in _CONVERTERS} | set(FOLDED_OPS))
+    return sorted({op if not dom else f"{dom}::{op}" for dom, op, _ in CONVERTERS} | set(FOLDED_OPS))
 
 
 def register_emitter(*module_types: type):
     """Register `fn` as the ONNX emitter for modules of these types (and subclasses without their own)."""
 
-    def deco(fn: Emitter) -> Emitter:
-        for t in module_types:
-            _EMITTERS[t] = fn
-        return fn
-
-    return deco
+    return EMITTERS.register(*module_types)
 
 
 def register_plain_op(op_type: str, module_type: type) -> None:
@@ -129,8 +120,8 @@ def register_plain_op(op_type: str, module_type: type) -> None:
 
 def find_emitter(module: nn.Module) -> Emitter | None:
     for cls in type(module).__mro__:
-        if cls in _EMITTERS:
-            return _EMITTERS[cls]
+        if cls in EMITTERS:
+            return EMITTERS[cls]
     return None
 
 

@@ -1,4 +1,4 @@
-"""CumSum and ScatterND: what the portable sparse form (converters/export_sparse.py) decodes its
+"""CumSum and ScatterND: what the portable sparse form (toolchain/methods/prune/onnx.py) decodes its
 weights with; constant inputs are folded at import, so pruned files import as dense-with-zeros layers."""
 from __future__ import annotations
 

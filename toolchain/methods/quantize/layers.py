@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from converters.graph import register_layer_type
+from converters.ir import register_layer_type
 
 from .kmeans import kmeans_1d
 

@@ -446,15 +446,10 @@ def restore_quantized_layers(net, model) -> list[str]:
 
 
 def import_quantized(src):
-    """import_onnx + restore_quantized_layers (until the importer calls the restorer itself)."""
-    import onnx
+    """import_onnx, which runs restore_quantized_layers (a registered restorer)."""
+    from converters.onnx_import import import_onnx
 
-    from converters.onnx_import import import_onnx, load_model
-
-    model, _ = load_model(src)
-    net = import_onnx(model)
-    restore_quantized_layers(net, model)
-    return net
+    return import_onnx(src)
 
 
 # ----------------------------------------------------------------------------- dense form
@@ -483,7 +478,6 @@ def export_quantized(net, path=None, form: str = "portable", opset: int = 17, gr
     weights with their zeros, for onnxruntime.quantization) or "fast" (lead's custom ops; portable here).
     group: decode all weight-sharing layers of one code width from one stream (a smaller graph)."""
     import converters
-    from toolchain.export import export_compressed
 
     if form == "dense":
         d = densify(net)
@@ -492,13 +486,13 @@ def export_quantized(net, path=None, form: str = "portable", opset: int = 17, gr
     if form not in ("portable", "fast"):
         raise ValueError(f"form must be portable, fast or dense, not {form!r}")
     if not group:
-        return export_compressed(net, path, form=form, opset=opset)
+        return _export_grouped(net, path, form, opset, grouped=False)
     model = _export_grouped(net, None, form, opset)
     for node in model.graph.node:  # node names are optional; the decoding nodes' (q, q_1, ...) cost bytes
         if _DECODE_NODE.match(node.name) and list(node.output) == [node.name]:
             node.name = ""
     if path is not None:
-        from toolchain.fileio import atomic_write_bytes
+        from converters.fileio import atomic_write_bytes
 
         atomic_write_bytes(path, model.SerializeToString())
     return model
@@ -554,15 +548,14 @@ def shared_groups(net) -> dict[str, list]:
     return {name: group for group in best for name, _ in group}
 
 
-def _export_grouped(net, path, form, opset):
-    from toolchain.export import _load_compressed_emitters
-
+def _export_grouped(net, path, form, opset, grouped: bool = True):
     import converters
+    from toolchain._version import __version__
 
-    _load_compressed_emitters()
     was = net.training
     net.eval()
     try:
-        return converters.export_onnx(net, path, opset=opset, form=form, quantize_groups=shared_groups(net))
+        return converters.export_onnx(net, path, opset=opset, form=form, producer=("toolchain", __version__),
+                                      **({"quantize_groups": shared_groups(net)} if grouped else {}))
     finally:
         net.train(was)

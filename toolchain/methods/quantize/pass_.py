@@ -69,12 +69,12 @@ def _compressed_kinds() -> tuple[type, ...]:
     """Layer types of other methods that store no dense weight to share values over."""
     kinds = []
     try:
-        from toolchain.layers.hashed import _Hashed
+        from toolchain.methods.hashed.layers import _Hashed
         kinds.append(_Hashed)
     except ImportError:  # pragma: no cover - moved by the restructure
         pass
     try:
-        from toolchain.layers import lowrank
+        from toolchain.methods.lowrank import layers as lowrank
         kinds += [c for c in vars(lowrank).values() if isinstance(c, type) and issubclass(c, nn.Module)
                   and c.__module__ == lowrank.__name__ and not issubclass(c, (nn.Linear, nn.Conv2d))]
     except ImportError:  # pragma: no cover

@@ -20,7 +20,7 @@ import torch
 
 from . import distributed as dist_
 from .errors import DataError
-from .fileio import atomic_path
+from converters.fileio import atomic_path
 from .recipe import Recipe
 from .train import evaluate, train
 
@@ -33,6 +33,12 @@ class CompressResult:
     error_before: float | None  # None when run without data (--no-retrain)
     error_after: float | None
     lines: list[str]
+
+
+def _restore_layers(net, saved) -> None:
+    """Swap the checkpoint's layers (compressed types included) into the Network bound to the user's module."""
+    for name, layer in saved.layers().items():
+        net.replace_layer(name, layer)
 
 
 def round_seed(seed: int, stage: int, rnd: int) -> int:
@@ -62,19 +68,31 @@ def load_training_data(recipe: Recipe, data_dir=None, input_shape=None, num_work
 
 
 def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = None, resume: bool = False,
-                     progress: bool = True, teacher=None) -> CompressResult:
-    """Run every stage of `recipe` on the imported network `net` (modified in place)."""
+                     progress: bool = True, teacher=None, model: torch.nn.Module | None = None,
+                     make_optimizer=None, loss_fn=None) -> CompressResult:
+    """Run every stage of `recipe` on the network `net` (modified in place).
+
+    `model` is the module trained and evaluated, when `net` is the Network traced from it
+    (converters.torch_import: they share their layers); by default `net` itself.
+    `make_optimizer` / `loss_fn` replace the default SGD and cross-entropy (see toolchain.train.train).
+    """
+    model = net if model is None else model
     train_x, train_y, test_x, test_y = data if data is not None else (None,) * 4
     # Resolve every stage's layers up front, so a bad layer name fails before any training.
     passes = [stage.make_pass(net) for stage in recipe.stages]
     done = (-1, -1)  # last finished (stage, round); round == rounds means finish() ran
     if resume and checkpoint and Path(checkpoint).exists():
         state = torch.load(checkpoint, weights_only=False, map_location="cpu")
-        net, passes, done = state["net"], state["passes"], tuple(state["done"])
+        passes, done = state["passes"], tuple(state["done"])
+        if model is net:
+            net = model = state["net"]
+        else:  # the user's module: its compressed layers from the checkpoint, then all its weights
+            _restore_layers(net, state["net"])
+            model.load_state_dict(state["model"])
         error_before = state["error_before"]
         log.info("resuming after stage %d round %d", done[0] + 1, done[1] + 1)
     else:
-        error_before = evaluate(net, test_x, test_y) if test_x is not None else None
+        error_before = evaluate(model, test_x, test_y) if test_x is not None else None
     for si, (stage, p) in enumerate(zip(recipe.stages, passes)):
         for r in range(p.rounds + 1):  # the extra step is finish()
             if (si, r) <= done:
@@ -88,15 +106,17 @@ def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = 
                     hooks = p.hooks(net)
                     if teacher is not None and hooks.teacher is None and cfg.distill_temperature > 0:
                         hooks.teacher = teacher
-                    train(net, train_x, train_y, cfg, hooks,
-                          desc=f"{p.name} stage {si + 1} round {r + 1}/{p.rounds}", progress=progress)
+                    train(model, train_x, train_y, cfg, hooks,
+                          desc=f"{p.name} stage {si + 1} round {r + 1}/{p.rounds}", progress=progress,
+                          make_optimizer=make_optimizer, loss_fn=loss_fn)
             else:
                 p.finish(net)
             dist_.sync_module_state(net, f"network after {p.name} stage {si + 1} "
                                          f"{'finish' if r == p.rounds else f'round {r + 1}'}")
             if checkpoint and dist_.is_main():
                 with atomic_path(checkpoint) as tmp:
-                    torch.save({"net": net, "passes": passes, "done": (si, r), "error_before": error_before}, tmp)
-    error_after = evaluate(net, test_x, test_y) if test_x is not None else None
+                    torch.save({"net": net, "passes": passes, "done": (si, r), "error_before": error_before,
+                                "model": model.state_dict() if model is not net else None}, tmp)
+    error_after = evaluate(model, test_x, test_y) if test_x is not None else None
     lines = [line for p in passes for line in p.summary(net)]
     return CompressResult(net, error_before, error_after, lines)

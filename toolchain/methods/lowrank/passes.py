@@ -33,11 +33,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import RecipeError
-from ..train import TrainHooks
-from ..layers.lowrank import (DICTIONARIES, _LowRank, dictionary_factorize, fan_in, make_dictionary, max_rank,
+from ...errors import RecipeError
+from ...train import TrainHooks
+from .layers import (DICTIONARIES, _LowRank, dictionary_factorize, fan_in, make_dictionary, max_rank,
                               random_factors, rank_for_compression, rank_for_energy, svd_factorize)
-from . import CompressionPass, register_pass
+from ..base import CompressionPass, register_pass
 
 METHODS = ("svd", "denil")
 
@@ -213,7 +213,7 @@ class LowRankPass(CompressionPass):
 
     @staticmethod
     def _min_compression(layer, fixed: bool) -> float:
-        from ..layers.lowrank import grouped_weight
+        from .layers import grouped_weight
 
         _, o, f = grouped_weight(layer).shape
         return 1 / f if fixed else (o + f) / (o * f)

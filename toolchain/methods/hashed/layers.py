@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from converters.graph import register_layer_type
+from converters.ir import register_layer_type
 
 MASK32 = 0xFFFFFFFF
 PRIME = 2**31 - 1

@@ -1,18 +1,4 @@
-"""Compression pass registry.
-
-A pass is one compression method from the literature. It is applied to the imported network
-(converters.graph.GraphModule) in rounds; the driver (toolchain.compress) retrains between rounds
-with the pass's training hooks. Passes plug in with `@register_pass("name")`:
-
-    @register_pass("prune")
-    class PrunePass(CompressionPass):
-        Options = PruneOptions            # dataclass: pass-level recipe keys
-        LayerOptions = PruneLayerOptions  # dataclass: per-layer recipe keys
-        def apply(self, net, round_index): ...
-
-Recipes name the pass and give Options / LayerOptions values; unknown keys are rejected
-before any training starts (toolchain.recipe).
-"""
+"""The base of every compression method: CompressionPass and the pass registry (see toolchain.methods)."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,39 +6,32 @@ from typing import ClassVar
 
 import torch.nn as nn
 
+from converters.registry import Registry
+
 from ..errors import RecipeError
 from ..train import TrainHooks
 
-_PASSES: dict[str, type["CompressionPass"]] = {}
+PASSES: Registry[type["CompressionPass"]] = Registry("compression pass")
 
 
 def register_pass(name: str):
+    """Class decorator: register a CompressionPass subclass under the recipe name `name` (once)."""
+
     def deco(cls):
         cls.name = name
-        _PASSES[name] = cls
-        return cls
+        return PASSES.add(name, cls)
 
     return deco
 
 
 def get_pass(name: str) -> type["CompressionPass"]:
-    _load_builtin_passes()
-    if name not in _PASSES:
-        raise RecipeError(f"unknown pass {name!r}; available: {', '.join(sorted(_PASSES))}")
-    return _PASSES[name]
+    if name not in PASSES:
+        raise RecipeError(f"unknown pass {name!r}; available: {', '.join(available_passes())}")
+    return PASSES[name]
 
 
 def available_passes() -> list[str]:
-    _load_builtin_passes()
-    return sorted(_PASSES)
-
-
-def _load_builtin_passes() -> None:
-    import importlib
-    import pkgutil
-
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+    return sorted(PASSES)
 
 
 @dataclasses.dataclass
@@ -91,3 +70,4 @@ class CompressionPass:
     def summary(self, net: nn.Module) -> list[str]:
         """Short lines describing what the pass did, for the run log."""
         return []
+

@@ -1,8 +1,8 @@
 """Baselines at a given stored-parameter budget (HashedNets' comparisons, Chen et al. 2015, Sec. 6).
 
 * Random edge removal (RER): pass "random_edges", a fixed random mask keeping round(density x N)
-  connections per layer (toolchain.layers.masked), optionally re-initialised to train from scratch.
-* Low-rank decomposition (LRD): the "lowrank" pass (toolchain.passes.lowrank).
+  connections per layer (toolchain.methods.prune.layers), optionally re-initialised to train from scratch.
+* Low-rank decomposition (LRD): the "lowrank" pass (toolchain.methods.lowrank.passes).
 * An equivalent-size dense network (NN): `equivalent_width` gives the hidden width whose weight count
   matches the budget; `mlp` builds it. `hashed_mlp` builds a HashedNet MLP (also for the paper's
   virtual-size expansion: a wider hidden layer with the same K real weights).
@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..layers.hashed import HashedLinear
-from ..layers.masked import _Masked, masked_from_dense
-from . import CompressionPass, register_pass
-from .lowrank import layer_seed
+from .layers import HashedLinear
+from ..prune.layers import _Masked, masked_from_dense
+from ..base import CompressionPass, register_pass
+from ..lowrank.passes import layer_seed
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Export of HashedNets layers (toolchain.layers.hashed): K real weights + the hash, in stock ONNX.
+"""Export of HashedNets layers (toolchain.methods.hashed.layers): K real weights + the hash, in stock ONNX.
 
 The file stores the K real weights, the bias and a few int64 scalars (the hash coefficients, K, the
 virtual weight count, the shape). A small subgraph recomputes the virtual weight with standard
@@ -28,10 +28,11 @@ import torch
 import torch.nn as nn
 from onnx import numpy_helper
 
-from toolchain.layers.hashed import PRIME, HashedConv2d, HashedLinear, _Hashed, hash_coefficients, hashed_from_dense
+from converters.ops.layers import conv_attrs, write_conv, write_fc
+from converters.onnx_import import RESTORERS
+from converters.ops.registry import register_emitter
 
-from .ops.layers import conv_attrs, write_conv, write_fc
-from .ops.registry import register_emitter
+from .layers import PRIME, HashedConv2d, HashedLinear, _Hashed, hash_coefficients, hashed_from_dense
 
 FLOAT, INT64 = 1, 7  # TensorProto data types
 METADATA_KEY = "ai.toolchain.hashed"
@@ -108,6 +109,7 @@ def emit_hashed_conv(ctx, name, m, inputs, outputs):
                conv_attrs(ctx, name, m))
 
 
+@RESTORERS.register("hashed")
 def restore_hashed_layers(net, model) -> list[str]:
     """Replace the layers the exporter recorded as hashed (model metadata) by hashed layers; returns their names.
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..layers.masked import _Masked, masked_from_dense
-from . import CompressionPass, register_pass
+from .layers import _Masked, masked_from_dense
+from ..base import CompressionPass, register_pass
 from .surgery import remove_dead_units
 
 
@@ -108,7 +108,9 @@ class PrunePass(CompressionPass):
             drop.p = p0 * math.sqrt(connections / self.original_connections[name])
 
     def finish(self, net: nn.Module) -> None:
-        if self.options.remove_dead_neurons:
+        # A user's own module keeps its shapes: its forward may hard-code them (x.view(-1, 800)), so
+        # its dead units stay (masked to zero) rather than be cut out of layers it computes with.
+        if self.options.remove_dead_neurons and getattr(net, "source_module", None) is None:
             self.removed = remove_dead_units(net)
 
     def summary(self, net: nn.Module) -> list[str]:

@@ -1,4 +1,4 @@
-"""Export of factored layers (toolchain.layers.lowrank) as plain ONNX: no custom op.
+"""Export of factored layers (toolchain.methods.lowrank.layers) as plain ONNX: no custom op.
 
 LowRankLinear: Gemm(x, basis^T) -> Gemm(., coef^T) + bias (MatMul + Add for N-D inputs); an identity
 (random-connections) dictionary becomes a Gather of the selected inputs, storing only their indices.
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from toolchain.layers.lowrank import LowRankConv2d, LowRankLinear
+from converters.ops.layers import conv_attrs, write_conv, write_fc
+from converters.ops.registry import register_emitter
 
-from .ops.layers import conv_attrs, write_conv, write_fc
-from .ops.registry import register_emitter
+from .layers import LowRankConv2d, LowRankLinear
 
 
 def _np(t) -> np.ndarray:

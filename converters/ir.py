@@ -1,6 +1,6 @@
 """The toolchain's model IR: a dataflow graph of ONNX-like nodes, each computed by a torch module.
 
-`GraphModule` is what `converters.import_onnx` returns and `converters.export_onnx` writes back.
+`Network` is what `converters.import_onnx` returns and `converters.export_onnx` writes back.
 Values (tensors) are named by strings, as in ONNX. Each `Node` reads values by name and writes its
 outputs; its computation is the module `net.ops[node.name]`. Weighted layers (nn.Linear, nn.Conv*d,
 and compressed replacements registered with `register_layer_type`) are keyed by their layer name
@@ -19,27 +19,30 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.nn as nn
 
-__all__ = ["Node", "GraphModule", "register_layer_type", "layer_types", "safe_key"]
+from .registry import Registry
 
-_LAYER_TYPES: list[type] = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d]
+__all__ = ["Node", "Network", "register_layer_type", "layer_types", "safe_key", "LAYER_TYPES"]
+
+LAYER_TYPES: Registry[type] = Registry("layer type")
+for _cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    LAYER_TYPES.add(_cls, _cls)
 
 
 def register_layer_type(cls: type) -> type:
-    """Count modules of type `cls` (and subclasses) as weighted layers in `GraphModule.layers()`.
+    """Count modules of type `cls` (and subclasses) as weighted layers in `Network.layers()`.
 
-    Usable as a class decorator. nn.Linear and nn.Conv1d/2d/3d (and their subclasses) are layers already.
+    Usable as a class decorator. nn.Linear and nn.Conv1d/2d/3d (and their subclasses) are layers already;
+    registering a type twice is a RegistryError.
     """
-    if cls not in _LAYER_TYPES:
-        _LAYER_TYPES.append(cls)
-    return cls
+    return LAYER_TYPES.add(cls, cls)
 
 
 def layer_types() -> tuple[type, ...]:
-    return tuple(_LAYER_TYPES)
+    return tuple(LAYER_TYPES.values())
 
 
 def is_layer(module: nn.Module) -> bool:
-    return isinstance(module, tuple(_LAYER_TYPES))
+    return isinstance(module, layer_types())
 
 
 _RESERVED = set(dir(nn.ModuleDict())) | set(dir(nn.Module()))
@@ -56,7 +59,7 @@ def safe_key(name: str) -> str:
 @dataclass
 class Node:
     """One operation. `op_type`/`attrs` describe the ONNX node it was imported from (informational;
-    the module in `GraphModule.ops[name]` is what computes and what the exporter writes).
+    the module in `Network.ops[name]` is what computes and what the exporter writes).
     An empty string in `inputs` is an omitted optional input (the module receives None)."""
 
     name: str
@@ -66,7 +69,7 @@ class Node:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
-class GraphModule(nn.Module):
+class Network(nn.Module):
     def __init__(
         self,
         nodes: Iterable[Node],
@@ -191,10 +194,25 @@ class GraphModule(nn.Module):
         return {n.name: self.ops[n.name] for n in self.nodes if is_layer(self.ops[n.name])}
 
     def replace_layer(self, name: str, module: nn.Module) -> None:
-        """Swap the module computing node `name` (e.g. nn.Linear -> a compressed layer with the same call)."""
+        """Swap the module computing node `name` (e.g. nn.Linear -> a compressed layer with the same call);
+        in a Network bound to a user's module (`bind`), the module there is swapped too."""
         if name not in self.ops:
             raise KeyError(f"no layer named {name!r}; layers: {', '.join(self.layers())}")
         self.ops[name] = module
+        source, paths = self.__dict__.get("_source"), self.__dict__.get("_source_paths", {})
+        if source is not None and name in paths:
+            parent, _, attr = paths[name].rpartition(".")
+            setattr(source.get_submodule(parent) if parent else source, attr, module)
+
+    def bind(self, source: nn.Module, paths: dict[str, str]) -> None:
+        """Tie this Network to `source`, the module its nodes were traced from: node name -> module path.
+        `source` is held outside the module tree (its parameters are this Network's already)."""
+        self.__dict__["_source"], self.__dict__["_source_paths"] = source, dict(paths)
+
+    @property
+    def source_module(self) -> nn.Module | None:
+        """The user's module this Network was traced from (converters.torch_import), else None."""
+        return self.__dict__.get("_source")
 
     def insert_node(self, index: int, node: Node, module: nn.Module) -> None:
         """Insert `node` (computed by `module`) before position `index` of `self.nodes`."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from converters.graph import register_layer_type
+from converters.ir import register_layer_type
 
 log = logging.getLogger(__name__)
 

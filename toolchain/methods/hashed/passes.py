@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..errors import RecipeError
-from ..layers.hashed import MAX_VIRTUAL, _Hashed, buckets_for, dense_weight_count, hashed_from_dense
-from ..train import TrainHooks
-from . import CompressionPass, register_pass
-from .lowrank import frozen_copy, layer_seed
+from ...errors import RecipeError
+from .layers import MAX_VIRTUAL, _Hashed, buckets_for, dense_weight_count, hashed_from_dense
+from ...train import TrainHooks
+from ..base import CompressionPass, register_pass
+from ..lowrank.passes import frozen_copy, layer_seed
 
 
 @dataclass

@@ -1,0 +1,23 @@
+"""Export of a compressed network: each compressed layer type's emitter writes its compact form
+(toolchain/methods/*/onnx.py); `form` picks the portable (stock onnxruntime) or fast (custom ops) form."""
+from __future__ import annotations
+
+import converters
+
+from . import methods  # noqa: F401  (registers every method's emitters)
+from ._version import __version__
+
+FORMS = ("portable", "fast")
+
+
+def export_compressed(net, path=None, form: str = "portable", opset: int = 17, metadata: dict[str, str] | None = None):
+    """Write `net` as ONNX (atomically when `path` is given); returns the ModelProto."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}")
+    was_training = net.training
+    net.eval()
+    try:
+        return converters.export_onnx(net, path, opset=opset, form=form, metadata=metadata,
+                                      producer=("toolchain", __version__))
+    finally:
+        net.train(was_training)
