@@ -42,7 +42,6 @@ from .recipe import Recipe, load_recipe
 __all__ = ["compress", "export", "load", "evaluate", "info", "read_onnx", "session", "fit", "import_caffe", "file_metadata",
            "set_metadata", "CompressionResult", "ModelInfo"]
 
-METADATA_PRODUCER = "ai.toolchain.producer"
 METADATA_RECIPE = "ai.toolchain.recipe"
 METADATA_ERROR = "ai.toolchain.test_error"
 METADATA_ORIGINAL = "ai.toolchain.original"
@@ -80,14 +79,14 @@ class CompressionResult:
         return meta
 
 
-_ORIGINAL_TOTALS = ("params", "nnz", "macs_dense", "macs", "stored", "stored_bytes", "file_bytes")
+_ORIGINAL_TOTALS = ("params", "macs_dense", "stored_bytes", "file_bytes")
 
 
 def original_record(measured: tuple) -> str:
-    """The dense original's measurement as compact JSON (what a comparison reads of it: per layer its name,
-    weight shape, parameters and MACs; the totals), for a compressed file to report against later."""
+    """The dense original's measurement as compact JSON: what a before/after comparison reads of it (per
+    layer its name, parameters and MACs; four totals), for a compressed file to report against later."""
     stats, totals = measured
-    layers = [[st.name, st.op, list(st.weight_shape), st.params, st.macs_dense, st.stored_bytes] for st in stats]
+    layers = [[st.name, st.params, st.macs_dense] for st in stats]
     return json.dumps({"layers": layers, "totals": [totals[k] for k in _ORIGINAL_TOTALS]}, separators=(",", ":"))
 
 
@@ -100,9 +99,11 @@ def original_from_metadata(model: onnx.ModelProto) -> "ModelInfo | None":
         return None
     try:
         data = json.loads(record)
-        layers = [LayerStats(name, op, tuple(shape), params, params, params, stored, macs, macs)
-                  for name, op, shape, params, macs, stored in data["layers"]]
-        return ModelInfo(layers, dict(zip(_ORIGINAL_TOTALS, data["totals"])))
+        layers = [LayerStats(name, "", (), params, params, params, 4 * params, macs, macs)
+                  for name, params, macs in data["layers"]]
+        totals = dict(zip(_ORIGINAL_TOTALS, data["totals"]))
+        totals.update(nnz=totals["params"], macs=totals["macs_dense"], stored=totals["stored_bytes"] // 4)
+        return ModelInfo(layers, totals)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
 
@@ -301,7 +302,7 @@ def export(model: nn.Module, path: str | os.PathLike | None, form: str = "portab
         if example_input is None:
             raise ToolchainError(f"exporting a {type(model).__name__} needs example_input= (a batch it accepts)")
         net = from_module(model, example_input)
-    meta = {METADATA_PRODUCER: json.dumps({"name": "toolchain", "version": __version__})}
+    meta = {}  # the producer is in the file's own producer_name / producer_version fields
     if result is not None:
         meta.update(result.metadata())
     meta.update(metadata or {})
@@ -451,19 +452,22 @@ def import_caffe(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | No
 def set_metadata(path: str | os.PathLike, *, recipe: str | None = None, baseline: str | os.PathLike | None = None,
                  test_error: float | None = None) -> dict[str, str]:
     """Write the toolchain's records into an existing ONNX file (atomically; the graph is untouched):
-    the producer, the recipe text that made it, its measured test error and the dense `baseline`'s
+    the producer (producer_name / producer_version, where the file names none), the recipe that made it (its compact JSON, or a
+    reference to its file), its measured test error and the dense `baseline`'s
     measurement (what `info` and `toolchain export` report against). Returns the file's metadata."""
     from converters import atomic_write_bytes
 
     model = read_onnx(path)
-    records = {METADATA_PRODUCER: json.dumps({"name": "toolchain", "version": __version__})}
+    if not model.producer_name:  # a file another exporter wrote (torch.onnx for the zoo's dense files) keeps its producer
+        model.producer_name, model.producer_version = "toolchain", __version__
+    records = {}
     if recipe is not None:
         records[METADATA_RECIPE] = recipe
     if test_error is not None:
         records[METADATA_ERROR] = f"{test_error:.6f}"
     if baseline is not None:
         records[METADATA_ORIGINAL] = original_record((lambda i: (i.layers, i.totals))(info(baseline)))
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = {p.key: p.value for p in model.metadata_props if p.key != "ai.toolchain.producer"}  # now producer_name
     meta.update(records)
     del model.metadata_props[:]
     for key, value in sorted(meta.items()):
