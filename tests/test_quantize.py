@@ -299,3 +299,31 @@ def test_hashed_layer_cannot_be_quantized():
     with pytest.raises(RecipeError, match="hashed"):
         compress_network(net, parse_recipe('[[stage]]\npass = "quantize"\n[stage.layers.ip1]\nbits = 2\n'), None,
                          progress=False)
+
+
+# ----------------------------------------------------------------------------- fast form
+@pytest.mark.parametrize("kind", ["share-3", "share-4", "share-6", "int8"])
+def test_fast_form_runs_the_packed_custom_ops_and_equals_the_torch_layer(tmp_path, kind):
+    """Fully connected quantized layers become SparseLinearCodebook / SparseLinearInt8 (weights stay
+    packed); conv layers fall back to the portable decoding graph."""
+    from toolchain import kernels
+    from toolchain.exporter import export_compressed
+
+    net = _net(seed=2, density=0.6).eval()
+    for name, layer in list(net.layers().items()):
+        bits = 2 if name == "conv1" else int(kind.split("-")[-1]) if kind != "int8" else 0  # conv1 has 21 weights
+        new = int8_from_dense(layer) if kind == "int8" else shared_from_dense(layer, bits)
+        if kind != "int8":
+            new.bias_bits = 16
+        net.replace_layer(name, new)
+    model = export_compressed(net, tmp_path / "fast.onnx", form="fast")
+    ops = [n.op_type for n in model.graph.node if n.domain == kernels.DOMAIN]
+    assert ops == (["SparseLinearInt8"] * 2 if kind == "int8" else ["SparseLinearCodebook"] * 2)
+    so = ort.SessionOptions()
+    kernels.register(so)
+    sess = ort.InferenceSession(str(tmp_path / "fast.onnx"), so, providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        x = torch.rand(batch, 1, 8, 8)
+        with torch.no_grad():
+            ref = net(x).numpy()
+        np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], ref, rtol=1e-5, atol=1e-5)

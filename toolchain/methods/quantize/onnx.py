@@ -23,8 +23,10 @@ points 0, axis 0) feeding the Gemm / Conv; stock onnxruntime runs it (and fuses 
 dense (`export_dense`): every compressed layer written as a plain float32 initializer with its zeros,
 the input that onnxruntime.quantization.quantize_dynamic / quantize_static expect.
 
-fast: the custom-op form is integrated by the lead (toolchain/kernels); until then these layers fall
-back to the portable form.
+fast: fully connected layers on 2-D inputs run as the custom ops SparseLinearCodebook (codes of
+<= 4 bits in the 4-bit layout, 5..8 bits in the 8-bit one; toolchain/kernels/packed.py) and
+SparseLinearInt8, which decode the packed values inside the kernel; conv layers and other inputs
+fall back to the portable form.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ from onnx import numpy_helper
 from converters.ops.layers import conv_attrs, write_conv, write_fc
 from converters.ops.registry import register_converter, register_emitter
 from toolchain.errors import ModelFormatError
+from toolchain.kernels import DOMAIN, OPSET_VERSION
+from toolchain.kernels.packed import encode_codebook, encode_int8
 
 from . import coding
 from .layers import Int8Conv2d, Int8Linear, SharedConv2d, SharedLinear, _Int8, _Shared
@@ -285,8 +289,31 @@ def _fc(ctx, name, x, rank, weight, bias, out):
     ctx.add_node("Add", [mm, bias], [out], name=f"{name}_bias")
 
 
+def _emit_fast_linear(ctx, name, m, x: str, out: str) -> None:
+    """The layer as SparseLinearCodebook / SparseLinearInt8 (the weights stay packed in the file and in
+    the kernel)."""
+    w = _dense(m)
+    bias = None if m.bias is None else (m.effective_bias if isinstance(m, _Shared) else m.bias).detach().cpu().numpy()
+    if isinstance(m, _Shared):
+        bits = 4 if m.bits <= 4 else 8
+        packed = encode_codebook(w, m.codebook.detach().cpu().numpy(), bits=bits, codes=m.codes.cpu().numpy())
+        arrays = {"codebook": packed.codebook, "codes": packed.codes, "deltas": packed.deltas, "row_ptr": packed.row_ptr}
+        op, attrs = "SparseLinearCodebook", {"bits": bits}
+    else:
+        packed = encode_int8(w, scales=m.scale.detach().cpu().numpy())
+        arrays = {"values": packed.values, "deltas": packed.deltas, "row_ptr": packed.row_ptr, "scales": packed.scales}
+        op, attrs = "SparseLinearInt8", {}
+    if bias is not None:
+        arrays["bias"] = bias.astype(np.float32)
+    names = [ctx.add_initializer(f"{name}.{key}", value) for key, value in arrays.items()]
+    ctx.require_opset(DOMAIN, OPSET_VERSION)
+    ctx.add_node(op, [x, *names], [out], name=name, domain=DOMAIN, in_features=int(w.shape[1]), **attrs)
+
+
 @register_emitter(SharedLinear, Int8Linear)
 def emit_quantized_linear(ctx, name, m, inputs, outputs):
+    if ctx.options.get("form") == "fast" and ctx.rank(inputs[0]) == 2:
+        return _emit_fast_linear(ctx, name, m, inputs[0], outputs[0])
     _fc(ctx, name, inputs[0], ctx.rank(inputs[0]), _weight(ctx, name, m), _bias_value(ctx, name, m), outputs[0])
 
 
