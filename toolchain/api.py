@@ -19,6 +19,7 @@ same forward; BatchNorm and Dropout stay as they are while it retrains).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -144,30 +145,27 @@ def _first_batch(data) -> torch.Tensor | None:
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.utils.data.DataLoader):
         x = data[0].collate_fn([data[0].dataset[0], data[0].dataset[1]])[0]
         return torch.as_tensor(x)
-    if isinstance(data, tuple) and len(data) == 2:
+    if isinstance(data, tuple) and len(data) in (2, 4):  # (inputs, labels[, eval inputs, eval labels])
         return torch.as_tensor(np.asarray(data[0][:2]))
     return None
 
 
-def _fit_example(model: nn.Module, sample: torch.Tensor, example_input) -> torch.Tensor:
-    """An input batch the model accepts: `example_input`, else the data's samples as they are or flattened."""
-    if example_input is not None:
-        return example_input
-    tried = []
-    for cand in (sample, sample.reshape(len(sample), -1)):
-        if any(cand.shape == t.shape for t in tried):
-            continue
-        tried.append(cand)
-        try:
-            was = model.training
-            model.eval()
-            with torch.no_grad():
-                model(cand)
-            model.train(was)
-            return cand
-        except Exception as e:  # the model's own error: shapes that do not fit
-            model.train(was)
-            err = e
+def _fit_example(model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
+    """An input batch the model accepts: the data's samples as they are, else flattened."""
+    was = model.training
+    model.eval()
+    err: Exception | None = None
+    flat = sample.reshape(len(sample), -1)
+    try:
+        for cand in [sample] + ([flat] if flat.shape != sample.shape else []):
+            try:
+                with torch.no_grad():
+                    model(cand)
+                return cand
+            except Exception as e:  # the model's own error: shapes that do not fit
+                err = e
+    finally:
+        model.train(was)
     raise DataError(f"data samples of shape {list(sample.shape[1:])} do not fit {type(model).__name__} "
                     f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); pass example_input=")
 
@@ -250,7 +248,7 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
     if not retrain:
         recipe = copy.deepcopy(recipe)
         for stage in recipe.stages:
-            stage.retrain = stage.retrain_final = stage.retrain.__class__(**{**stage.retrain.__dict__, "epochs": 0})
+            stage.retrain = stage.retrain_final = dataclasses.replace(stage.retrain, epochs=0)
     if isinstance(model, Network):
         example = None
         shape = tuple(d if isinstance(d, int) else 1 for d in model.input_shapes[model.input_names[0]][1:])
@@ -259,7 +257,7 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
             sample = _first_batch(data)
             if sample is None:  # the built-in data: MNIST images
                 sample = torch.zeros(2, 1, 28, 28)
-            example_input = _fit_example(model, sample.float(), None)
+            example_input = _fit_example(model, sample.float())
         example = example_input
         shape = tuple(example.shape[1:])
     net = _network(model, example)
@@ -388,7 +386,7 @@ def evaluate(model, data=None, *, dataset: str | None = None, threads: int | Non
             data = (d.test_x, d.test_y)
         example = _first_batch((data[0], data[1]))
         if not isinstance(model, Network):
-            example = _fit_example(model, example.float(), None)
+            example = _fit_example(model, example.float())
         x, y = _arrays_for(data[0], data[1], tuple(example.shape[1:]) if not isinstance(model, Network) else
                            tuple(d if isinstance(d, int) else 1 for d in model.input_shapes[model.input_names[0]][1:]))
         return torch_evaluate(model, x[:limit] if limit else x, y[:limit] if limit else y, progress=progress)
