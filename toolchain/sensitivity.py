@@ -14,9 +14,13 @@ from .train import evaluate
 DEFAULT_DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01)
 
 
-def sensitivity(net, val_x, val_y, densities=DEFAULT_DENSITIES, layers=None, progress=True):
+def sensitivity(net, val_x, val_y, densities=DEFAULT_DENSITIES, layers=None, progress=True, device=None):
     """layer -> [(density, error)] and the dense error, on held-out data (the validation split: choices
-    made from this sweep must not see the test set)."""
+    made from this sweep must not see the test set); evaluated on `device` (default: where `net` is)."""
+    from .train import _param_device, _run_device
+
+    home, dev = _param_device(net), _run_device(net, device)
+    net.to(dev)
     base = evaluate(net, val_x, val_y)
     names = list(layers or net.layers())
     results = {}
@@ -25,13 +29,14 @@ def sensitivity(net, val_x, val_y, densities=DEFAULT_DENSITIES, layers=None, pro
         results[name] = []
         for d in densities:
             trial = copy.deepcopy(net)
-            layer = masked_from_dense(trial.layers()[name])
+            layer = masked_from_dense(trial.layers()[name]).to(dev)
             with torch.no_grad():
                 layer.prune_(density_keep(layer.weight, layer.mask, d))
             trial.replace_layer(name, layer)
             results[name].append((d, evaluate(trial, val_x, val_y)))
             bar.update(1)
     bar.close()
+    net.to(home)
     return results, base
 
 

@@ -1,5 +1,5 @@
-"""Compression methods, one folder each (prune/, lowrank/, hashed/, sparse_vd/, splicing/, global_prune/,
-structured/): its layer types, its pass,
+"""Compression methods, one folder each (prune/, lowrank/, hashed/, quantize/, sparse_vd/, splicing/,
+global_prune/, structured/): its layer types, its pass,
 its ONNX forms (export and import) and its kernels' Python side. This module holds the base class and
 the pass registry; importing it registers every built-in method (the list at the end: adding a method
 means adding its folder and its name there).
@@ -22,6 +22,6 @@ before any training starts (toolchain.recipe).
 from .base import PASSES, CompressionPass, NoOptions, available_passes, get_pass, register_pass
 
 # The built-in methods, imported for their registrations (passes, layer types, emitters, converters).
-from . import global_prune, hashed, lowrank, prune, sparse_vd, splicing, structured  # noqa: E402,F401
+from . import global_prune, hashed, lowrank, prune, quantize, sparse_vd, splicing, structured  # noqa: E402,F401
 
 __all__ = ["CompressionPass", "NoOptions", "PASSES", "register_pass", "get_pass", "available_passes"]
