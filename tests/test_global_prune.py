@@ -25,8 +25,8 @@ def test_one_threshold_gives_the_requested_sparsity_over_the_whole_network(spars
     kept = sum(int(m.sum()) for m in masks.values())
     assert kept == round((1 - sparsity) * total)
     # one threshold: every kept weight is at least as large as every pruned one, across layers
-    kept_min = min(float(layers[n].weight.abs()[m].min()) for n, m in masks.items() if m.any())
-    pruned_max = max(float(layers[n].weight.abs()[~m].max()) for n, m in masks.items() if (~m).any())
+    kept_min = min(float(layers[n].weight.detach().abs()[m].min()) for n, m in masks.items() if m.any())
+    pruned_max = max(float(layers[n].weight.detach().abs()[~m].max()) for n, m in masks.items() if (~m).any())
     assert kept_min >= pruned_max
     # not per-layer: the large-scale layer keeps far more than the network-wide fraction
     assert masks["c"].float().mean() > 1 - sparsity
