@@ -15,8 +15,8 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     env: dict = {}
     exec(compile(code, "README.md", "exec"), env)
     result, net = env["result"], env["net"]
-    # an untrained MLP retrained briefly (2 x 0.1 epoch of the 50k training split; chance is 0.9)
-    assert result.error_after is not None and result.error_after < 0.75
+    # an untrained MLP retrained briefly (2 x 0.5 epoch of the 50k training split; chance is 0.9)
+    assert result.error_after is not None and result.error_after < 0.2
     assert {type(m).__name__ for m in net.layers().values()} == {"MaskedLinear"}
     out = capsys.readouterr().out
     assert "non-zero" in out and "error:" in out
