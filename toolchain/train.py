@@ -224,7 +224,9 @@ def train(
     step = 0
     aug_gen = torch.Generator().manual_seed(cfg.seed)
     if resume and checkpoint and Path(checkpoint).exists():
-        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
+        from .checkpoint import load_checkpoint  # tensors and plain data only (no unpickling of objects)
+
+        state = load_checkpoint(checkpoint, "training checkpoint")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = state["step"]  # in global batches: independent of the number of processes

@@ -115,6 +115,7 @@ class PrunePass(CompressionPass):
 
     def summary(self, net: nn.Module) -> list[str]:
         layers = net.layers()
-        lines = [f"{n}: {layers[n].density():.2%} of its remaining weights kept" for n in self.layer_options if n in layers]
+        lines = [f"{n}: {layers[n].density():.2%} of its remaining weights kept" for n in self.layer_options
+                 if n in layers and hasattr(layers[n], "density")]
         lines += [f"{n}: removed {k} dead neurons/channels" for n, k in self.removed.items() if k]
         return lines
