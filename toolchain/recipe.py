@@ -35,10 +35,46 @@ from converters.ir import safe_key
 
 from .errors import RecipeError
 from .methods import CompressionPass, get_pass
+from .options import check_table, declare_rules, option
 from .train import TrainConfig
 
 TOP_KEYS = {"seed", "dataset", "stage", "description"}
 STAGE_KEYS = {"pass", "only", "layers", "retrain", "retrain_final"}
+SEED_RANGE = "[0, 2^32)"
+
+# The retraining settings' allowed values (TrainConfig lives with the training loop).
+declare_rules(
+    TrainConfig,
+    epochs={"range": "[0, 10000]"},
+    batch_size={"range": "[1, 2^20]", "doc": "samples per SGD step (the global batch when data-parallel)"},
+    lr={"range": "[0, 100]", "doc": "base learning rate of SGD (scaled by lr_policy)"},
+    momentum={"range": "[0, 1)", "doc": "SGD momentum"},
+    weight_decay={"range": "[0, 1]"},
+    l1={"range": "[0, 1]"},
+    lr_policy={"choices": ("cosine", "step", "fixed", "inv")},
+    augment_shift={"range": "[0, 64]"},
+    seed={"range": SEED_RANGE, "doc": "data order, augmentation and dropout (default: the recipe's seed)"},
+    distill_temperature={"range": "[0, 1000]"},
+    distill_weight={"range": "[0, 1]"},
+    clip_grad_norm={"range": "[0, inf)"},
+)
+
+
+@dataclass
+class RecipeTop:
+    """The recipe's top-level keys (besides [[stage]] tables)."""
+
+    seed: int = option(0, SEED_RANGE)  # seeds every stage's rounds and retraining (and default pass seeds)
+    dataset: str = option("mnist", choices=("mnist", "imagenet"))  # the data set retrained and evaluated on
+    description: str = ""  # free text, recorded in exported files
+
+
+@dataclass
+class StageKeys:
+    """The keys of a [[stage]] table besides its pass's options."""
+
+    pass_: str = option("", doc="the compression pass (a registered method: prune, lowrank, hashed, ...)")
+    only: str = option("all", choices=("all", "conv", "fc"))  # which layer kinds the stage compresses
 
 
 @dataclass
@@ -93,6 +129,7 @@ def build_dataclass(cls, table: dict, where: str):
             allowed = ", ".join(sorted(names)) or "none"
             raise RecipeError(f"{where}: unknown key {k!r} (allowed: {allowed})")
     try:
+        check_table(cls, table, "")  # types and ranges from the field declarations (toolchain.options)
         return cls(**table)
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{where}: {e}") from None
@@ -118,14 +155,19 @@ def recipe_from_dict(data: dict, path: str = "<recipe>") -> Recipe:
     stages_raw = data.get("stage", [])
     if not isinstance(stages_raw, list) or not stages_raw:
         raise RecipeError(f"{path}: a recipe needs at least one [[stage]]")
-    recipe = Recipe(path=path, seed=int(data.get("seed", 0)), dataset=str(data.get("dataset", "mnist")),
-                    description=str(data.get("description", "")))
-    if recipe.dataset not in ("mnist", "imagenet"):
-        raise RecipeError(f"{path}: unknown dataset {recipe.dataset!r} (mnist, imagenet)")
+    top = build_dataclass(RecipeTop, {k: v for k, v in data.items() if k != "stage"}, path)
+    recipe = Recipe(path=path, seed=top.seed, dataset=top.dataset, description=top.description)
     for i, st in enumerate(stages_raw):
         where = f"{path}: stage {i + 1}"
+        if not isinstance(st, dict):
+            raise RecipeError(f"{where}: a [[stage]] is a table, not {type(st).__name__}")
         if "pass" not in st:
             raise RecipeError(f"{where}: missing key 'pass'")
+        if not isinstance(st["pass"], str):
+            raise RecipeError(f"{where}: pass must be a string (a method name), not {st['pass']!r}")
+        for key in ("retrain", "retrain_final"):
+            if key in st and not isinstance(st[key], dict):
+                raise RecipeError(f"{where}: [{key}] must be a table, not {type(st[key]).__name__}")
         pass_cls = get_pass(st["pass"])
         where = f"{where} ({st['pass']})"
         opt_table = {k: v for k, v in st.items() if k not in STAGE_KEYS}
@@ -141,21 +183,39 @@ def recipe_from_dict(data: dict, path: str = "<recipe>") -> Recipe:
         final = None
         if "retrain_final" in st:
             final = build_dataclass(TrainConfig, {**retrain_table, **st["retrain_final"]}, f"{where}: retrain_final")
-        only = st.get("only", "all")
-        if only not in ("all", "conv", "fc"):
-            raise RecipeError(f"{where}: only must be 'all', 'conv' or 'fc', not {only!r}")
+        only = build_dataclass(StageKeys, {"only": st.get("only", "all")}, where).only
         recipe.stages.append(Stage(i, pass_cls, options, layers, retrain, only, final))
     recipe.source = json.dumps(data, sort_keys=True, default=str)
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def read_text_file(path: str | Path, what: str = "recipe") -> str:
+    """A UTF-8 text file's contents; missing, unreadable, a directory, or not UTF-8: one RecipeError."""
     p = Path(path)
     try:
-        text = p.read_text()
+        data = p.read_bytes()
+    except IsADirectoryError:
+        raise RecipeError(f"{what} {p} is a directory, not a file") from None
     except OSError as e:
-        raise RecipeError(f"cannot read recipe {p}: {e.strerror}") from None
-    return parse_recipe(text, str(p))
+        raise RecipeError(f"cannot read {what} {p}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{what} {p} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                          f"save it as UTF-8") from None
+
+
+def load_toml_table(path: str | Path, what: str = "training config") -> dict:
+    """A TOML file as a table (for `toolchain train --config`): errors as one RecipeError."""
+    text = read_text_file(path, what)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    return parse_recipe(read_text_file(path), str(Path(path)))
 
 
 def _kind(module: nn.Module) -> str:
