@@ -111,10 +111,38 @@ def _one_line(e: Exception, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+MAX_SAMPLE_ELEMENTS = 2**28  # per-sample elements of a declared input (1 GiB of float32)
+
+
 def _check_structure(model: onnx.ModelProto, label: str) -> None:
+    """Everything onnxruntime would reject later (or run out of memory on), before any work is done."""
     g = model.graph
     if not g.output:
         raise ModelFormatError(f"{label}: the graph has no outputs")
+    seen_nodes: set[str] = set()
+    seen_values: set[str] = {v.name for v in g.input} | {t.name for t in g.initializer}
+    for i, node in enumerate(g.node):
+        if node.name:
+            if node.name in seen_nodes:
+                raise ModelFormatError(f"{label}: two nodes are named {node.name!r} (node names must be unique; "
+                                       "onnxruntime refuses the file)")
+            seen_nodes.add(node.name)
+        for out in node.output:
+            if out and out in seen_values:
+                raise ModelFormatError(f"{label}: value {out!r} is written twice (node {node.name or '#' + str(i)!r} "
+                                       f"({node.op_type}) redefines it)")
+            seen_values.add(out)
+    inits = {t.name for t in g.initializer}
+    for v in g.input:
+        dims = _dims(v.type)
+        if v.name in inits or not dims:
+            continue
+        if any(isinstance(d, int) and d < 0 for d in dims):
+            raise ModelFormatError(f"{label}: input {v.name!r} declares a negative dimension {dims}")
+        per_sample = math.prod(d for d in dims[1:] if isinstance(d, int) and d > 0)
+        if per_sample > MAX_SAMPLE_ELEMENTS or any(isinstance(d, int) and d >= 2**31 for d in dims):
+            raise ModelFormatError(f"{label}: input {v.name!r} declares shape {dims}: {per_sample:,} values per sample "
+                                   f"is more than the {MAX_SAMPLE_ELEMENTS:,} supported")
     defined = {v.name for v in g.input} | {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
     produced_later = {o for n in g.node for o in n.output}
     for i, node in enumerate(g.node):

@@ -145,6 +145,9 @@ def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = 
     `make_optimizer` / `loss_fn` replace the default SGD and cross-entropy (see toolchain.train.train).
     """
     model = net if model is None else model
+    from .accuracy import validate_for_data
+
+    data = validate_for_data(net, data, recipe.dataset)  # samples shaped for the model, or a DataError now
     train_x, train_y, test_x, test_y = data if data is not None else (None,) * 4
     # Resolve every stage's layers up front, so a bad layer name fails before any training.
     passes = [stage.make_pass(net) for stage in recipe.stages]

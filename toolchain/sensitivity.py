@@ -16,6 +16,9 @@ DEFAULT_DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01)
 
 def sensitivity(net, test_x, test_y, densities=DEFAULT_DENSITIES, layers=None, progress=True):
     """layer -> [(density, error)] and the dense error."""
+    from .accuracy import fit_network_input
+
+    test_x = fit_network_input(net, test_x, "test")  # e.g. an MLP on [N, 784] fed [N, 1, 28, 28]
     base = evaluate(net, test_x, test_y)
     names = list(layers or net.layers())
     results = {}
