@@ -63,10 +63,13 @@ def dense_to_csr(w2d: np.ndarray, index_dtype=None) -> tuple[np.ndarray, np.ndar
 
 def csr_to_dense(values: np.ndarray, col_idx: np.ndarray, row_ptr: np.ndarray, n_cols: int) -> np.ndarray:
     """Dense [M, n_cols] float32 matrix of a CSR triple (duplicates are summed)."""
+    from toolchain.methods.prune.sparse_format import validate_csr  # the one check of the format
+
+    values, col_idx, row_ptr = validate_csr(values, col_idx, row_ptr, n_cols)
     m = len(row_ptr) - 1
     out = np.zeros((m, n_cols), dtype=np.float32)
-    rows = np.repeat(np.arange(m), np.diff(row_ptr.astype(np.int64)))
-    np.add.at(out, (rows, col_idx.astype(np.int64)), values.astype(np.float32))
+    rows = np.repeat(np.arange(m), np.diff(row_ptr))
+    np.add.at(out, (rows, col_idx), values)
     return out
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from converters.errors import ModelFormatError
+
 
 @dataclass
 class EncodedSparse:
@@ -51,11 +53,77 @@ def encode(weight: np.ndarray) -> EncodedSparse:
     return best
 
 
-def decode(enc: EncodedSparse, shape) -> np.ndarray:
-    """numpy reference of the in-graph decoding."""
-    pos = enc.index.astype(np.int64)
+def positions(enc: EncodedSparse, where: str = "sparse weight") -> np.ndarray:
+    """The validated absolute positions of an encoding: each in [0, size), strictly increasing
+    (gaps >= 1), so no index wraps around (a negative position would silently address the end)."""
+    idx = np.asarray(enc.index)
+    if enc.kind not in ("gaps", "positions"):
+        raise ModelFormatError(f"{where}: unknown index kind {enc.kind!r}")
+    if idx.ndim != 1 or np.asarray(enc.values).shape != idx.shape:
+        raise ModelFormatError(f"{where}: {np.asarray(enc.values).size} values but {idx.size} indices")
+    if idx.dtype.kind not in "iu":
+        raise ModelFormatError(f"{where}: indices must be integers, not {idx.dtype}")
+    pos = idx.astype(np.int64)
     if enc.kind == "gaps":
+        if pos.size and pos.min() < 1:
+            raise ModelFormatError(f"{where}: gap {int(pos.min())} < 1 (gaps between positions are >= 1)")
         pos = np.cumsum(pos) - 1
+    elif pos.size and np.any(np.diff(pos) <= 0):
+        raise ModelFormatError(f"{where}: positions are not strictly increasing")
+    if pos.size and (pos.min() < 0 or pos.max() >= enc.size):
+        bad = int(pos.min()) if pos.min() < 0 else int(pos.max())
+        raise ModelFormatError(f"{where}: position {bad} is outside the weight's {enc.size} entries")
+    return pos
+
+
+def validate_csr(values, col_idx, row_ptr, n_cols: int, where: str = "CSR weight") -> tuple:
+    """THE check of a CSR triple, for every Python reader of the fast form (the SparseLinear / SparseConv
+    importer, csr_to_dense): 1-D arrays, as many values as column indices, row_ptr from 0 to nnz and
+    non-decreasing, every column index in [0, n_cols) (a negative index is an error, never wrapped),
+    integer index types. Returns (values float32, col_idx int64, row_ptr int64)."""
+    values, col_idx, row_ptr = (np.asarray(a) for a in (values, col_idx, row_ptr))
+    if values.ndim != 1 or col_idx.ndim != 1 or row_ptr.ndim != 1:
+        raise ModelFormatError(f"{where}: values, col_idx and row_ptr must be 1-D")
+    if col_idx.dtype.kind not in "iu" or row_ptr.dtype.kind not in "iu":
+        raise ModelFormatError(f"{where}: col_idx and row_ptr must be integer arrays")
+    if len(row_ptr) < 1:
+        raise ModelFormatError(f"{where}: row_ptr is empty")
+    if len(values) != len(col_idx):
+        raise ModelFormatError(f"{where}: {len(values)} values but {len(col_idx)} column indices")
+    rp = row_ptr.astype(np.int64)
+    if rp[0] != 0 or rp[-1] != len(values) or np.any(np.diff(rp) < 0):
+        raise ModelFormatError(f"{where}: row_ptr must rise from 0 to the {len(values)} non-zeros")
+    ci = col_idx.astype(np.int64)
+    if ci.size and (ci.min() < 0 or ci.max() >= n_cols):
+        bad = int(ci.min()) if ci.min() < 0 else int(ci.max())
+        raise ModelFormatError(f"{where}: column index {bad} is outside [0, {n_cols})")
+    return values.astype(np.float32, copy=False), ci, rp
+
+
+def sparse_linear_reference(x: np.ndarray, values, col_idx, row_ptr, n_cols: int) -> np.ndarray:
+    """Y = X W^T for a CSR W [M, n_cols], with the SEMANTICS OF THE DENSE GEMM it replaces: the product
+    with a pruned (zero) weight is 0 * x, so a NaN or infinite input makes every output that does not
+    store a weight for it NaN, exactly as the dense layer (and the portable form) computes it.
+    A kernel that only visits stored non-zeros must add this back for non-finite inputs (docs/hardening.md)."""
+    values, ci, rp = validate_csr(values, col_idx, row_ptr, n_cols)
+    x = np.asarray(x, dtype=np.float32)
+    m = len(rp) - 1
+    rows = np.repeat(np.arange(m), np.diff(rp))
+    y = np.zeros((x.shape[0], m), np.float32)
+    np.add.at(y.T, rows, (values[:, None] * x[:, ci].T))
+    bad = ~np.isfinite(x)
+    if bad.any():
+        stored = np.zeros((m, n_cols), bool)
+        stored[rows, ci] = True
+        # 0 * (NaN or +-inf) = NaN for every (row, column) whose weight is not stored
+        hits = bad.astype(np.int64) @ (~stored).T.astype(np.int64)
+        y[hits > 0] = np.nan
+    return y
+
+
+def decode(enc: EncodedSparse, shape) -> np.ndarray:
+    """numpy reference of the in-graph decoding (positions validated first)."""
+    pos = positions(enc)
     out = np.zeros(enc.size, np.float32)
     out[pos] = enc.values
     return out.reshape(shape)
