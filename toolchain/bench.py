@@ -56,15 +56,28 @@ class Timing:
     per_node_ms: dict[str, float] = field(default_factory=dict)
 
 
+MAX_FEED_BYTES = 2**31  # random input of a timing run: at most 2 GiB
+
+
 def _feed(sess, batch: int, seed: int = 0) -> dict:
+    """Random input for one run at `batch`; a fixed batch size that differs, or an input too large to
+    allocate (declared dimensions of 2^31), is a ToolchainError rather than an onnxruntime traceback."""
     rng = np.random.default_rng(seed)
     inp = sess.get_inputs()[0]
+    if isinstance(inp.shape[0], int) and inp.shape[0] > 0 and inp.shape[0] != batch:
+        raise ToolchainError(f"the model's input {inp.name!r} has a fixed batch size {inp.shape[0]}: time it with "
+                             f"--batch {inp.shape[0]}, or re-export it with a dynamic batch dimension")
     shape = [batch if (not isinstance(d, int) or d <= 0 or i == 0) else d for i, d in enumerate(inp.shape)]
+    nbytes = 4 * int(np.prod(shape, dtype=np.float64))
+    if nbytes > MAX_FEED_BYTES:
+        raise ToolchainError(f"input {inp.name!r} of shape {shape} needs {nbytes / 2**30:.1f} GiB per run; "
+                             f"at most {MAX_FEED_BYTES / 2**30:.0f} GiB can be timed")
     return {inp.name: rng.random(shape, dtype=np.float32)}
 
 
 def time_model(model: onnx.ModelProto, label: str, batch: int, threads: int, min_runs: int = 20,
                min_seconds: float = 1.0, warmup: int = 5) -> Timing:
+    check_threads([threads])
     sess = make_session(model, threads=threads)
     feed = _feed(sess, batch)
     for _ in range(warmup):
@@ -83,10 +96,9 @@ def time_model(model: onnx.ModelProto, label: str, batch: int, threads: int, min
 
 def per_node_times(model: onnx.ModelProto, batch: int, threads: int, runs: int = 20) -> dict[str, float]:
     """Median kernel time per node (ms) from onnxruntime's profiler."""
-    import onnxruntime as ort
-
     from .runtime import session_options, uses_custom_ops
 
+    check_threads([threads])
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(threads, custom_ops=uses_custom_ops(model))
         so.enable_profiling = True
