@@ -145,7 +145,8 @@ def check_value(cls: type, f: dataclasses.Field, value, where: str, types_=None)
     if "range" in r and isinstance(value, (int, float)) and not isinstance(value, bool) and value not in r["range"]:
         raise ValueError(f"{where}{f.name} must be in {r['range'].text}, not {value!r}")
     if "choices" in r and value is not None and value not in r["choices"]:
-        raise ValueError(f"{where}{f.name} must be one of {', '.join(map(repr, r['choices']))}, not {value!r}")
+        raise ValueError(f"{where}unknown {f.name} {value!r}: {f.name} must be one of "
+                         f"{', '.join(map(repr, r['choices']))}")
 
 
 def _allowed(r: dict) -> str:

@@ -13,6 +13,8 @@ import numpy as np
 
 from converters.errors import ModelFormatError
 
+from ...kernels.csr import validate_csr  # noqa: F401  (THE check of the CSR arrays, re-exported here)
+
 
 @dataclass
 class EncodedSparse:
@@ -74,30 +76,6 @@ def positions(enc: EncodedSparse, where: str = "sparse weight") -> np.ndarray:
         bad = int(pos.min()) if pos.min() < 0 else int(pos.max())
         raise ModelFormatError(f"{where}: position {bad} is outside the weight's {enc.size} entries")
     return pos
-
-
-def validate_csr(values, col_idx, row_ptr, n_cols: int, where: str = "CSR weight") -> tuple:
-    """THE check of a CSR triple, for every Python reader of the fast form (the SparseLinear / SparseConv
-    importer, csr_to_dense): 1-D arrays, as many values as column indices, row_ptr from 0 to nnz and
-    non-decreasing, every column index in [0, n_cols) (a negative index is an error, never wrapped),
-    integer index types. Returns (values float32, col_idx int64, row_ptr int64)."""
-    values, col_idx, row_ptr = (np.asarray(a) for a in (values, col_idx, row_ptr))
-    if values.ndim != 1 or col_idx.ndim != 1 or row_ptr.ndim != 1:
-        raise ModelFormatError(f"{where}: values, col_idx and row_ptr must be 1-D")
-    if col_idx.dtype.kind not in "iu" or row_ptr.dtype.kind not in "iu":
-        raise ModelFormatError(f"{where}: col_idx and row_ptr must be integer arrays")
-    if len(row_ptr) < 1:
-        raise ModelFormatError(f"{where}: row_ptr is empty")
-    if len(values) != len(col_idx):
-        raise ModelFormatError(f"{where}: {len(values)} values but {len(col_idx)} column indices")
-    rp = row_ptr.astype(np.int64)
-    if rp[0] != 0 or rp[-1] != len(values) or np.any(np.diff(rp) < 0):
-        raise ModelFormatError(f"{where}: row_ptr must rise from 0 to the {len(values)} non-zeros")
-    ci = col_idx.astype(np.int64)
-    if ci.size and (ci.min() < 0 or ci.max() >= n_cols):
-        bad = int(ci.min()) if ci.min() < 0 else int(ci.max())
-        raise ModelFormatError(f"{where}: column index {bad} is outside [0, {n_cols})")
-    return values.astype(np.float32, copy=False), ci, rp
 
 
 def sparse_linear_reference(x: np.ndarray, values, col_idx, row_ptr, n_cols: int) -> np.ndarray:
