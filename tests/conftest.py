@@ -32,17 +32,3 @@ def lenet5_path():
 
 def rand_images(n, shape=(1, 28, 28), seed=0):
     return np.random.default_rng(seed).random((n, *shape), dtype=np.float32)
-
-
-def graph_from_sequential(seq, input_shape):
-    """A Network running an nn.Sequential of Flatten/Linear/Conv2d/ReLU/MaxPool2d, one node per child."""
-    import torch.nn as nn
-
-    from converters import Network, Node
-
-    ops = {nn.Flatten: "Flatten", nn.Linear: "Gemm", nn.Conv2d: "Conv", nn.ReLU: "Relu", nn.MaxPool2d: "MaxPool"}
-    nodes, mods, prev = [], {}, "x"
-    for name, m in seq.named_children():
-        nodes.append(Node(name, ops[type(m)], [prev], [f"{name}_out"]))
-        mods[name], prev = m, f"{name}_out"
-    return Network(nodes, mods, {}, ["x"], [prev], {"x": [None, *input_shape]})

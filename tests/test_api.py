@@ -220,3 +220,65 @@ def test_imports_go_one_way():
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
     assert "upward imports: 0" in out.stdout and "cycle: none" in out.stdout
+
+
+# The public face: `toolchain` itself and these modules (documented in README "Python API"); the rest of
+# the package (driver, exporter, train, recipe, runtime, measure, accuracy, api) is internal.
+PUBLIC_MODULES = {"toolchain", "toolchain.methods", "toolchain.methods.prune", "toolchain.methods.lowrank",
+                  "toolchain.methods.hashed", "toolchain.kernels", "toolchain.data", "toolchain.zoo", "toolchain.bench",
+                  "toolchain.plots", "toolchain.sensitivity", "toolchain.distributed", "toolchain.cli",
+                  "toolchain.errors", "converters", "converters.caffe"}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            raise AssertionError(f"{path.name}: relative import (from {'.' * node.level}{node.module or ''})")
+    return {m for m in out if m.split(".")[0] in ("toolchain", "converters")}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tools").glob("*.py")) + sorted((ROOT / "toolchain" / "commands").glob("*.py")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_tools_and_commands_use_only_the_public_api(path):
+    private = _imported_modules(path) - PUBLIC_MODULES
+    assert not private, f"{path.name} imports internal modules {sorted(private)}"
+
+
+@pytest.mark.parametrize("folder", ["lenet-300-100", "lenet-5"])
+def test_model_cards_name_the_inputs_the_files_have(folder):
+    import re
+
+    import onnx
+
+    card = (ROOT / "models" / folder / "README.md").read_text()
+    name = re.search(r"^\| input \| `([^`]+)`", card, re.M).group(1)
+    for path in sorted((ROOT / "models" / folder).glob("*.onnx")):
+        model = onnx.load(str(path), load_external_data=False)
+        inits = {i.name for i in model.graph.initializer}
+        assert [i.name for i in model.graph.input if i.name not in inits] == [name], path.name
+
+
+def test_shipped_files_carry_their_records():
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "record_metadata.py"), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("ok ") >= 12
+
+
+def test_every_command_help_ends_with_an_example(capsys):
+    from toolchain.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    for name in [*COMMANDS, None]:
+        argv = [name.rstrip("_"), "--help"] if name else ["--help"]
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        text = capsys.readouterr().out.rstrip()
+        last = text.split("\n\n")[-1]
+        assert last.startswith("example") and "toolchain " in last, f"{argv}: {last[:200]}"

@@ -19,7 +19,7 @@ from toolchain.methods.hashed.baselines import equivalent_width, hashed_mlp, mlp
 from toolchain.methods.lowrank.passes import layer_seed
 from toolchain.recipe import parse_recipe
 
-from conftest import graph_from_sequential
+from converters import from_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -166,7 +166,7 @@ def _recipe(layers: str, extra: str = "") -> str:
 
 
 def test_pass_replaces_layers_and_keeps_teacher():
-    net = graph_from_sequential(small_mlp(), (1, 8, 8))
+    net = from_module(small_mlp(), torch.zeros(2, 1, 8, 8))
     x = torch.randn(4, 1, 8, 8)
     before = net(x).detach()
     recipe = parse_recipe(_recipe("[stage.layers.default]\ncompression = 0.125\ninit = \"dense\""))
@@ -190,7 +190,7 @@ def test_pass_replaces_layers_and_keeps_teacher():
     ("[stage.layers.ip9]\ncompression = 0.5", "not in the model"),
 ])
 def test_recipe_errors(table, message):
-    net = graph_from_sequential(small_mlp(), (1, 8, 8))
+    net = from_module(small_mlp(), torch.zeros(2, 1, 8, 8))
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         recipe = parse_recipe(_recipe(table))
         p = recipe.stages[0].make_pass(net)
@@ -219,7 +219,7 @@ def test_equivalent_width_and_hashed_mlp():
 def test_random_edges_pass_keeps_a_fixed_random_mask():
     from toolchain.methods.prune.layers import MaskedLinear
 
-    net = graph_from_sequential(small_mlp(), (1, 8, 8))
+    net = from_module(small_mlp(), torch.zeros(2, 1, 8, 8))
     recipe = parse_recipe("[[stage]]\npass = \"random_edges\"\n[stage.layers.default]\ndensity = 0.125\n"
                           "[stage.layers.ip2]\ndensity = 0.5\ninit = \"random\"\n")
     p = recipe.stages[0].make_pass(net)
@@ -233,7 +233,7 @@ def test_random_edges_pass_keeps_a_fixed_random_mask():
 # ----- export --------------------------------------------------------------------------------------
 
 def _hashed_graph(seq, compression, input_shape=(1, 28, 28)):
-    net = graph_from_sequential(seq, input_shape)
+    net = from_module(seq, torch.zeros(2, *input_shape))
     recipe = parse_recipe(_recipe(f"[stage.layers.default]\ncompression = {compression}"))
     recipe.stages[0].make_pass(net).apply(net, 0)
     return net.eval()

@@ -493,16 +493,16 @@ def test_build_cli(lib, capsys):
 
 def test_build_errors(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
-    with pytest.raises(ToolchainError, match="compiler 'no-such-compiler-xyz' not found"):
+    with pytest.raises(kbuild.BuildError, match="compiler 'no-such-compiler-xyz' not found"):
         kbuild.build(force=True)
     monkeypatch.delenv("CXX")
     monkeypatch.setenv("ORT_INCLUDE_DIR", str(tmp_path))
-    with pytest.raises(ToolchainError, match="ORT_INCLUDE_DIR.*onnxruntime_c_api.h"):
+    with pytest.raises(kbuild.BuildError, match="ORT_INCLUDE_DIR.*onnxruntime_c_api.h"):
         kbuild.find_headers()
     monkeypatch.delenv("ORT_INCLUDE_DIR")
     monkeypatch.setenv("TOOLCHAIN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PATH", str(tmp_path))  # no npm
-    with pytest.raises(ToolchainError, match="npm not found"):
+    with pytest.raises(kbuild.BuildError, match="npm not found"):
         kbuild.find_headers()
 
 

@@ -14,7 +14,7 @@ from toolchain.methods.lowrank.layers import (LowRankConv2d, LowRankLinear, dict
 from toolchain.methods.lowrank.passes import input_layouts
 from toolchain.recipe import parse_recipe
 
-from conftest import graph_from_sequential
+from converters import from_module
 
 
 
@@ -160,13 +160,13 @@ def test_conv_dictionary_and_random_init():
 # ----- pass ----------------------------------------------------------------------------------------
 
 def test_input_layouts_found_through_flatten():
-    assert input_layouts(graph_from_sequential(lenet300(), (1, 28, 28)), ["ip1", "ip2"]) == {"ip1": (28, 28), "ip2": None}
-    assert input_layouts(graph_from_sequential(lenet5(), (1, 28, 28)), ["conv1", "conv2", "ip1", "ip2"]) == {
+    assert input_layouts(from_module(lenet300(), torch.zeros(2, 1, 28, 28)), ["ip1", "ip2"]) == {"ip1": (28, 28), "ip2": None}
+    assert input_layouts(from_module(lenet5(), torch.zeros(2, 1, 28, 28)), ["conv1", "conv2", "ip1", "ip2"]) == {
         "conv1": (5, 5), "conv2": (20, 5, 5), "ip1": (50, 4, 4), "ip2": None}
 
 
 def test_svd_pass_by_compression_and_energy():
-    net = graph_from_sequential(lenet300(), (1, 28, 28))
+    net = from_module(lenet300(), torch.zeros(2, 1, 28, 28))
     recipe = parse_recipe(stage("[stage.layers.ip1]\ncompression = 0.2\n[stage.layers.ip2]\nenergy = 1.0"))
     p = recipe.stages[0].make_pass(net)
     x = torch.rand(5, 1, 28, 28)
@@ -182,7 +182,7 @@ def test_svd_pass_by_compression_and_energy():
 
 
 def test_denil_pass_on_lenet5():
-    net = graph_from_sequential(lenet5(), (1, 28, 28))
+    net = from_module(lenet5(), torch.zeros(2, 1, 28, 28))
     recipe = parse_recipe(stage("[stage.layers.default]\nmethod = \"denil\"\ncompression = 0.25\ncolumns = 2\n"
                                 "[stage.layers.ip2]\nmethod = \"denil\"\ndictionary = \"identity\"\ncompression = 0.2"))
     p = recipe.stages[0].make_pass(net)
@@ -210,7 +210,7 @@ def test_denil_pass_on_lenet5():
      "layout (10, 10) has 100 inputs"),  # ip1 was fine, but is not replaced either
 ])
 def test_recipe_errors(table, message):
-    net = graph_from_sequential(lenet300(), (1, 28, 28))
+    net = from_module(lenet300(), torch.zeros(2, 1, 28, 28))
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         recipe = parse_recipe(stage(table))
         recipe.stages[0].make_pass(net).apply(net, 0)
@@ -237,7 +237,7 @@ def test_export_matches_torch_and_stores_the_factors(tmp_path, model, table):
     from toolchain.methods.lowrank.layers import _LowRank
     from toolchain.measure import measure
 
-    net = graph_from_sequential(model(), (1, 28, 28))
+    net = from_module(model(), torch.zeros(2, 1, 28, 28))
     recipe = parse_recipe(stage(table))
     recipe.stages[0].make_pass(net).apply(net, 0)
     net.eval()

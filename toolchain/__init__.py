@@ -18,7 +18,9 @@ See README.md ("Python API") and the docstrings of `compress`, `export` and `loa
 from ._version import __version__  # noqa: E402
 
 # -- the workflow: compress a module, write it as ONNX, read any file back
-from .api import CompressionResult, compress, export, file_metadata, load  # noqa: E402
+from .api import (CompressionResult, ModelInfo, compress, evaluate, export, file_metadata, fit, import_caffe,  # noqa: E402
+                  info, load, read_onnx, session, set_metadata)
+from .train import TrainConfig  # noqa: E402
 # -- recipes and the methods they name
 from .methods import CompressionPass, available_passes, register_pass  # noqa: E402
 from .recipe import Recipe  # noqa: E402
@@ -29,7 +31,9 @@ from converters import Network  # noqa: E402
 
 __all__ = [
     # workflow
-    "compress", "export", "load", "CompressionResult", "file_metadata",
+    "compress", "export", "load", "CompressionResult", "file_metadata", "set_metadata",
+    # measuring, training and importing
+    "evaluate", "info", "ModelInfo", "read_onnx", "session", "fit", "TrainConfig", "import_caffe",
     # recipes and methods
     "Recipe", "CompressionPass", "register_pass", "available_passes",
     # errors

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from .errors import DataError
 from .runtime import input_shape, make_session, run, run_batched
@@ -14,6 +15,7 @@ class EvalResult:
     error: float  # top-1 error, fraction
     top5_error: float | None
     samples: int
+    dataset: str = "mnist"
 
 
 def fit_input(x: np.ndarray, shape: list, dataset: str) -> np.ndarray:
@@ -98,7 +100,7 @@ def evaluate_onnx(model, dataset: str = "mnist", data_dir=None, batch_size: int 
             x = normalize(x, 0.0 if mean is None else mean, 1.0 if std is None else std)
         x = fit_input(x, [None, *shape[1:]], "MNIST") if len(shape) > 1 else x
         logits = run_batched(sess, x, batch_size, progress=progress)
-        return _score(logits, y)
+        return _score(logits, y, dataset)
     if dataset == "imagenet":
         from .data.imagenet import iterate_eval_batches
 
@@ -113,11 +115,20 @@ def evaluate_onnx(model, dataset: str = "mnist", data_dir=None, batch_size: int 
             n += r.samples
         if n == 0:
             raise DataError(f"no images found in {data_dir}")
-        return EvalResult(wrong1 / n, None if wrong5 is None else wrong5 / n, n)
+        return EvalResult(wrong1 / n, None if wrong5 is None else wrong5 / n, n, dataset)
     raise DataError(f"unknown data set {dataset!r} (mnist, imagenet)")
 
 
-def _score(logits: np.ndarray, y: np.ndarray) -> EvalResult:
+def guess_dataset(model) -> str:
+    """imagenet for a model with a 3-channel 4-D input, else mnist."""
+    from .runtime import load_onnx
+
+    m = model if isinstance(model, onnx.ModelProto) else load_onnx(model, check=False)
+    shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    return "imagenet" if len(shape) == 4 and shape[1] == 3 else "mnist"
+
+
+def _score(logits: np.ndarray, y: np.ndarray, dataset: str = "mnist") -> EvalResult:
     logits = np.asarray(logits)
     if logits.size % max(len(y), 1) or logits.shape[0] != len(y):
         raise DataError(f"the model's output {list(logits.shape)} does not have one row per sample ({len(y)})")
@@ -130,4 +141,4 @@ def _score(logits: np.ndarray, y: np.ndarray) -> EvalResult:
     top1 = logits.argmax(1)
     top5 = np.argsort(-logits, axis=1)[:, :5] if logits.shape[1] >= 5 else None
     e5 = None if top5 is None else float(1 - (top5 == y[:, None]).any(1).mean())
-    return EvalResult(float((top1 != y).mean()), e5, len(y))
+    return EvalResult(float((top1 != y).mean()), e5, len(y), dataset)

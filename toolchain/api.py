@@ -39,7 +39,8 @@ from .errors import DataError, RecipeError, ToolchainError
 from .exporter import FORMS, export_compressed
 from .recipe import Recipe, load_recipe
 
-__all__ = ["compress", "export", "load", "CompressionResult"]
+__all__ = ["compress", "export", "load", "evaluate", "info", "read_onnx", "session", "fit", "import_caffe", "file_metadata",
+           "set_metadata", "CompressionResult", "ModelInfo"]
 
 METADATA_PRODUCER = "ai.toolchain.producer"
 METADATA_RECIPE = "ai.toolchain.recipe"
@@ -70,11 +71,40 @@ class CompressionResult:
         return text
 
     def metadata(self) -> dict[str, str]:
-        """The records `export` writes into the file: recipe and measured error."""
+        """The records `export` writes into the file: recipe, measured error, the dense original's measurement."""
         meta = {METADATA_RECIPE: self.recipe.source or self.recipe.path}
         if self.error_after is not None:
             meta[METADATA_ERROR] = f"{self.error_after:.6f}"
+        if self.before:
+            meta[METADATA_ORIGINAL] = original_record(self.before)
         return meta
+
+
+_ORIGINAL_TOTALS = ("params", "nnz", "macs_dense", "macs", "stored", "stored_bytes", "file_bytes")
+
+
+def original_record(measured: tuple) -> str:
+    """The dense original's measurement as compact JSON (what a comparison reads of it: per layer its name,
+    weight shape, parameters and MACs; the totals), for a compressed file to report against later."""
+    stats, totals = measured
+    layers = [[st.name, st.op, list(st.weight_shape), st.params, st.macs_dense, st.stored_bytes] for st in stats]
+    return json.dumps({"layers": layers, "totals": [totals[k] for k in _ORIGINAL_TOTALS]}, separators=(",", ":"))
+
+
+def original_from_metadata(model: onnx.ModelProto) -> "ModelInfo | None":
+    """The dense original recorded in a compressed file's metadata (None if the file has no record)."""
+    from .measure import LayerStats
+
+    record = next((p.value for p in model.metadata_props if p.key == METADATA_ORIGINAL), None)
+    if record is None:
+        return None
+    try:
+        data = json.loads(record)
+        layers = [LayerStats(name, op, tuple(shape), params, params, params, stored, macs, macs)
+                  for name, op, shape, params, macs, stored in data["layers"]]
+        return ModelInfo(layers, dict(zip(_ORIGINAL_TOTALS, data["totals"])))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _as_recipe(recipe) -> Recipe:
@@ -151,12 +181,12 @@ def _arrays_for(x, y, shape) -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(len(x), *shape), y
 
 
-def _training_data(data, recipe: Recipe, shape: tuple[int, ...]):
+def _training_data(data, recipe: Recipe, shape: tuple[int, ...], workers: int | None = None):
     """(train_x, train_y, test_x, test_y) for the driver, fitted to the model's sample shape."""
     if data is None or isinstance(data, (str, os.PathLike)):
         from .driver import load_training_data
 
-        tx, ty, vx, vy = load_training_data(recipe, data, input_shape=[None, *shape])
+        tx, ty, vx, vy = load_training_data(recipe, data, input_shape=[None, *shape], num_workers=workers)
         if ty is None:  # image folders: data sources already shaped by the crop
             return tx, ty, vx, vy
         return (*_arrays_for(tx, ty, shape), *_arrays_for(vx, vy, shape))
@@ -183,7 +213,8 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
              optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
              loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              checkpoint: str | os.PathLike | None = None, resume: bool = False, retrain: bool = True,
-             progress: bool = True) -> CompressionResult:
+             progress: bool = True, baseline: str | os.PathLike | onnx.ModelProto | None = None,
+             workers: int | None = None) -> CompressionResult:
     """Compress `model` with `recipe`, retraining between rounds; returns a CompressionResult.
 
     model:   any torch.nn.Module (your own class, an nn.Sequential) or a Network from `load`.
@@ -199,6 +230,9 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
              mean) instead of cross-entropy.
     checkpoint / resume: a file written after every round; `resume=True` continues from it.
     retrain: False applies the passes without retraining.
+    baseline: the dense ONNX file `model` was loaded from, measured as the "before" (default: the
+             model as it is before compression, exported).
+    workers: image-decoding processes for an image-folder data set (default: from the CPU count).
 
     Everything is checked before training starts: the recipe, its layer names against the model,
     that each stage selects a layer, that the data fits the model.
@@ -231,9 +265,10 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
     for stage in recipe.stages:
         stage.make_pass(net)  # layer names, per-layer options, a stage selecting nothing: all checked here
     was_training = model.training
-    before = measure(export_compressed(net))
+    before = measure(baseline if baseline is not None else export_compressed(net))
     model.train(was_training)
-    train_data = _training_data(data, recipe, shape) if (retrain or data is not None) else None
+    no_data = data is None and recipe.dataset == "imagenet" and not retrain  # AlexNet without ImageNet
+    train_data = None if no_data else _training_data(data, recipe, shape, workers)
     res = compress_network(net, recipe, train_data, checkpoint=checkpoint, resume=resume, progress=progress,
                            model=model, make_optimizer=optimizer, loss_fn=loss)
     after = measure(export_compressed(res.net))
@@ -289,3 +324,146 @@ def file_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The `metadata_props` of an ONNX file as a dict (producer, recipe, test error, ...)."""
     model = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}
+
+
+@dataclass
+class ModelInfo:
+    """Per-layer measurements of an ONNX file (`info`): parameters, non-zeros, MACs, stored bytes."""
+
+    layers: list  # toolchain.measure.LayerStats, one per weighted layer
+    totals: dict  # params, nnz, macs_dense, macs, stored, stored_bytes, file_bytes
+    baseline: "ModelInfo | None" = None
+
+    def table(self) -> str:
+        from .measure import format_table
+
+        return format_table(self.layers, self.totals, self.baseline.totals if self.baseline else None)
+
+    def comparison(self) -> str:
+        """Before/after table against `baseline` (Han et al. Tables 2-3 layout)."""
+        from .measure import format_comparison
+
+        if self.baseline is None:
+            raise ToolchainError("comparison() needs a baseline: info(path, baseline=dense_path)")
+        return format_comparison((self.baseline.layers, self.baseline.totals), (self.layers, self.totals))
+
+
+def info(model: str | os.PathLike | onnx.ModelProto, baseline: str | os.PathLike | onnx.ModelProto | None = None) -> ModelInfo:
+    """Measure an ONNX file (any producer's): per layer and in total, optionally against a dense baseline
+    (default: the dense original a compressed file of ours records in its metadata)."""
+    from .measure import measure
+
+    proto = read_onnx(model)
+    base = info(baseline) if baseline is not None else original_from_metadata(proto)
+    return ModelInfo(*measure(proto if isinstance(model, onnx.ModelProto) else model), base)
+
+
+def read_onnx(model: str | os.PathLike | bytes | onnx.ModelProto) -> onnx.ModelProto:
+    """Parse and check an ONNX file; a missing, truncated or invalid file is one ModelFormatError line."""
+    from .runtime import load_onnx
+
+    return load_onnx(model)
+
+
+def evaluate(model, data=None, *, dataset: str | None = None, threads: int | None = None, limit: int | None = None,
+             progress: bool = False, batch_size: int = 500):
+    """Top-1 error (a fraction) of `model` on a test set.
+
+    model: an ONNX path or ModelProto (run in onnxruntime, the custom-op library registered when the
+    file needs it; returns an EvalResult with .error, .top5_error, .samples), or a torch module
+    (returns the error as a float). data: None for the MNIST test set, a data folder (MNIST IDX files
+    or an ImageNet-style folder), or (inputs, labels) for a torch module.
+    """
+    if isinstance(model, nn.Module):
+        from .train import evaluate as torch_evaluate
+
+        if data is None or isinstance(data, (str, os.PathLike)):
+            from .data import load_mnist
+
+            d = load_mnist(data)
+            data = (d.test_x, d.test_y)
+        example = _first_batch((data[0], data[1]))
+        if not isinstance(model, Network):
+            example = _fit_example(model, example.float(), None)
+        x, y = _arrays_for(data[0], data[1], tuple(example.shape[1:]) if not isinstance(model, Network) else
+                           tuple(d if isinstance(d, int) else 1 for d in model.input_shapes[model.input_names[0]][1:]))
+        return torch_evaluate(model, x[:limit] if limit else x, y[:limit] if limit else y, progress=progress)
+    from .accuracy import evaluate_onnx, guess_dataset
+
+    dataset = dataset or guess_dataset(model)
+    return evaluate_onnx(model, dataset, data, batch_size=batch_size, threads=threads, progress=progress, limit=limit)
+
+
+def session(model: str | os.PathLike | onnx.ModelProto, threads: int | None = None):
+    """An onnxruntime InferenceSession on the CPU, with the toolchain's custom ops registered when the file uses them."""
+    from .runtime import make_session
+
+    return make_session(model, threads=threads)
+
+
+def fit(model: nn.Module, data, config=None, *, teacher: nn.Module | None = None, regularizer=None, after_step=None,
+        checkpoint: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
+        where: str = "fit config", desc: str | None = None, **overrides) -> nn.Module:
+    """Train `model` in place with the toolchain's seeded, resumable loop (Caffe-style SGD by default).
+
+    data: (inputs, labels) arrays or tensors, or a data source with `load()`; config: a TrainConfig or
+    a dict of its keys (epochs, batch_size, lr, momentum, weight_decay, lr_policy, seed, ...), with
+    keyword `overrides` on top. `teacher` distils (with distill_temperature/weight), `regularizer(model)`
+    adds a loss term, `after_step(model)` runs after each step.
+    """
+    from .train import TrainConfig, TrainHooks, train
+
+    if config is None:
+        config = TrainConfig()
+    elif isinstance(config, dict):
+        from .recipe import build_dataclass
+
+        config = build_dataclass(TrainConfig, config, where)
+    if overrides:
+        import dataclasses
+
+        config = dataclasses.replace(config, **overrides)
+    hooks = TrainHooks(regularizer=regularizer, after_step=after_step, teacher=teacher)
+    desc = desc or f"train {type(model).__name__}"
+    if isinstance(data, tuple):
+        x, y = data
+        x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+        return train(model, x.astype(np.float32), y.astype(np.int64), config, hooks, checkpoint, resume,
+                     desc=desc, progress=progress)
+    return train(model, data, None, config, hooks, checkpoint, resume, desc=desc, progress=progress)
+
+
+def import_caffe(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None,
+                 output: str | os.PathLike | None = None, **options):
+    """Caffe prototxt (+ caffemodel) -> ONNX without Caffe; written atomically to `output` when given.
+    Returns converters.caffe.ImportResult (.model, .serialized, ...). Options: see converters.caffe.convert_caffe."""
+    from converters.caffe import convert_caffe, import_caffe as _import
+
+    if output is None:
+        return convert_caffe(prototxt, caffemodel, **options)
+    return _import(prototxt, caffemodel, output, **options)
+
+
+def set_metadata(path: str | os.PathLike, *, recipe: str | None = None, baseline: str | os.PathLike | None = None,
+                 test_error: float | None = None) -> dict[str, str]:
+    """Write the toolchain's records into an existing ONNX file (atomically; the graph is untouched):
+    the producer, the recipe text that made it, its measured test error and the dense `baseline`'s
+    measurement (what `info` and `toolchain export` report against). Returns the file's metadata."""
+    from converters import atomic_write_bytes
+
+    model = read_onnx(path)
+    records = {METADATA_PRODUCER: json.dumps({"name": "toolchain", "version": __version__})}
+    if recipe is not None:
+        records[METADATA_RECIPE] = recipe
+    if test_error is not None:
+        records[METADATA_ERROR] = f"{test_error:.6f}"
+    if baseline is not None:
+        records[METADATA_ORIGINAL] = original_record((lambda i: (i.layers, i.totals))(info(baseline)))
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta.update(records)
+    del model.metadata_props[:]
+    for key, value in sorted(meta.items()):
+        model.metadata_props.add(key=key, value=value)
+    atomic_write_bytes(path, model.SerializeToString())
+    return meta

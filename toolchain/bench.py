@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from .errors import ToolchainError
+from .kernels import DOMAIN
 from .runtime import make_session, run
 
 MAX_THREADS_PER_CORE = 4  # more threads than this per core only makes onnxruntime spin (100,000 hangs it)
@@ -138,7 +139,7 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     total = 0
     for s in stats:
         # custom sparse ops read their stored arrays; everything else reads the dense weight
-        total += s.stored_bytes if s.op.startswith("ai.toolchain") else 4 * s.params
+        total += s.stored_bytes if s.op.startswith(f"{DOMAIN}.") else 4 * s.params
     return total
 
 

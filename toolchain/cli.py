@@ -1,5 +1,6 @@
 """`toolchain` command line. Each sub-command is a module in toolchain/commands/ exposing
-NAME, HELP, add_arguments(parser) and run(args) -> int; they are discovered, not listed here.
+NAME, HELP, EXAMPLE, add_arguments(parser) and run(args) -> int, listed in COMMANDS below.
+Commands use the public API only (`toolchain`, its public modules, `converters`).
 
 User errors (ToolchainError) print one line and exit 2; --debug shows the traceback.
 """
@@ -8,20 +9,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import pkgutil
 import sys
 
 from ._version import __version__
 from .errors import ToolchainError
 
 
-def _commands():
-    from . import commands
+COMMANDS = ("bench", "compress", "eval", "export", "import_", "info", "sensitivity", "train", "zoo")
 
-    mods = []
-    for info in pkgutil.iter_modules(commands.__path__):
-        if not info.name.startswith("_"):
-            mods.append(importlib.import_module(f"{commands.__name__}.{info.name}"))
+
+def _commands():
+    mods = [importlib.import_module(f"{__package__}.commands.{name}") for name in COMMANDS]
     return sorted(mods, key=lambda m: m.NAME)
 
 
@@ -30,13 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="toolchain",
         description="Model compression toolchain: import ONNX/Caffe, compress (prune, low-rank, hashing), "
         "export compact ONNX, measure.",
+        epilog="example:\n  toolchain compress models/lenet-300-100/lenet-300-100.onnx "
+               "-r models/lenet-300-100/prune.toml -o out/pruned.onnx\n"
+               "`toolchain COMMAND --help` shows each command's options and an example.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"toolchain {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in _commands():
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP, epilog=mod.EXAMPLE,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser

@@ -104,7 +104,7 @@ class Recipe:
     dataset: str = "mnist"
     stages: list[Stage] = field(default_factory=list)
     description: str = ""
-    source: str = ""  # the TOML text or dict it was made from, recorded in exported files
+    source: str = ""  # its tables as compact JSON (comments dropped), recorded in exported files
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -140,9 +140,7 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
-    recipe = recipe_from_dict(data, path)
-    recipe.source = text
-    return recipe
+    return recipe_from_dict(data, path)
 
 
 def recipe_from_dict(data: dict, path: str = "<recipe>") -> Recipe:
@@ -185,7 +183,7 @@ def recipe_from_dict(data: dict, path: str = "<recipe>") -> Recipe:
             final = build_dataclass(TrainConfig, {**retrain_table, **st["retrain_final"]}, f"{where}: retrain_final")
         only = build_dataclass(StageKeys, {"only": st.get("only", "all")}, where).only
         recipe.stages.append(Stage(i, pass_cls, options, layers, retrain, only, final))
-    recipe.source = json.dumps(data, sort_keys=True, default=str)
+    recipe.source = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
     return recipe
 
 

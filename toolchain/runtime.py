@@ -9,8 +9,7 @@ import numpy as np
 import onnx
 
 from .errors import ModelFormatError
-
-CUSTOM_DOMAIN = "ai.toolchain"
+from .kernels import DOMAIN as CUSTOM_DOMAIN  # defined once, in toolchain.kernels
 
 
 def load_onnx(src: str | os.PathLike | bytes | onnx.ModelProto, check: bool = True) -> onnx.ModelProto:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from toolchain.bench import format_timings, memory_bandwidth, time_model, weight_bytes
 from toolchain.cli import main as toolchain_main
-from toolchain.runtime import load_onnx
+from toolchain import read_onnx
 from toolchain.zoo import MODELS_DIR
 
 
@@ -59,7 +59,7 @@ def main() -> int:
         if files is None:
             print(f"{name}: no pruned model shipped yet (run tools/reproduce_pruning.py); skipped\n")
             continue
-        dense, portable, fast = (load_onnx(p) for p in files)
+        dense, portable, fast = (read_onnx(p) for p in files)
         rows = []
         for th in (int(t) for t in args.threads.split(",")):
             for b in (int(x) for x in args.batch.split(",")):

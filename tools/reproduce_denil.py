@@ -24,12 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from converters import import_onnx  # noqa: E402
-from toolchain.driver import compress_network  # noqa: E402
 from toolchain.data import load_mnist  # noqa: E402
-from toolchain.methods.lowrank.layers import fan_in  # noqa: E402
-from toolchain.recipe import parse_recipe  # noqa: E402
-from toolchain.train import evaluate  # noqa: E402
+import toolchain  # noqa: E402
+from toolchain.methods.lowrank import fan_in  # noqa: E402
 from toolchain.zoo import get_model_spec  # noqa: E402
 
 MODELS = {"lenet-300-100": ["ip1", "ip2"], "lenet-5": ["conv2", "ip1"]}
@@ -73,21 +70,21 @@ def run(args) -> dict:
     t0 = time.time()
     for model, compressed in MODELS.items():
         path = get_model_spec(model).onnx_path
-        dense_err = evaluate(import_onnx(path), data[2], data[3])
+        dense_err = toolchain.evaluate(toolchain.load(path), (data[2], data[3]))
         epochs = args.epochs if args.epochs is not None else EPOCHS[model]
         if args.quick:
             epochs = min(epochs, 0.5)
         res = results["models"][model] = {"dense_error": dense_err, "epochs": epochs, "rows": []}
         print(f"{model}: dense test error {100 * dense_err:.2f}%", flush=True)
         for target in (TARGETS[1:2] if args.quick else TARGETS):
-            net = import_onnx(path)
+            net = toolchain.load(path)
             atoms, reached = dictionary_sizes(net, compressed, target)
             row = {"target": target, "predicted": reached, "atoms": atoms, "errors": {}}
             for label, (kind, columns) in DICTIONARIES.items():
                 t = time.time()
-                net = import_onnx(path)
-                recipe = parse_recipe(recipe_text(atoms, kind, columns, epochs, args), f"{model}/{label}")
-                out = compress_network(net, recipe, data, progress=args.progress)
+                net = toolchain.load(path)
+                recipe = toolchain.Recipe.parse(recipe_text(atoms, kind, columns, epochs, args), f"{model}/{label}")
+                out = toolchain.compress(net, recipe, data, progress=args.progress)
                 row["errors"][label] = out.error_after
                 print(f"  {100 * reached:5.1f}% predicted  {label:18s} test error {100 * out.error_after:5.2f}%  "
                       f"({time.time() - t:4.0f} s)", flush=True)
@@ -133,7 +130,7 @@ def main(argv=None) -> int:
     print(table(results))
     print(f"total time {results['total_seconds'] / 60:.1f} min")
     if args.json:
-        from converters.fileio import atomic_write_bytes
+        from converters import atomic_write_bytes
 
         atomic_write_bytes(args.json, json.dumps(results, indent=2).encode())
     return 0

@@ -43,12 +43,12 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toolchain.data import load_mnist  # noqa: E402
-from toolchain.methods.hashed.layers import HashedLinear  # noqa: E402
-from toolchain.methods.lowrank.layers import LowRankLinear, random_factors  # noqa: E402
-from toolchain.methods.prune.layers import masked_from_dense  # noqa: E402
-from toolchain.methods.hashed.baselines import equivalent_width, hashed_mlp, mlp, mlp_weights, random_keep_mask  # noqa: E402
-from toolchain.errors import TrainingDiverged  # noqa: E402
-from toolchain.train import TrainConfig, TrainHooks, evaluate, train  # noqa: E402
+import toolchain  # noqa: E402
+from toolchain.methods.hashed import HashedLinear, equivalent_width, hashed_mlp, mlp, mlp_weights, random_keep_mask  # noqa: E402
+from toolchain.methods.lowrank import LowRankLinear, random_factors  # noqa: E402
+from toolchain.methods.prune import masked_from_dense  # noqa: E402
+from toolchain import TrainingDiverged  # noqa: E402
+from toolchain import TrainConfig  # noqa: E402
 
 ARCHS = {"3-layer": [784, 1000, 10], "5-layer": [784, 1000, 1000, 1000, 10]}
 METHODS = ["RER", "LRD", "NN", "DK", "HashNet", "HashNet_DK"]
@@ -149,7 +149,7 @@ def run(args) -> dict:
 
     def save() -> None:
         if json_path:
-            from converters.fileio import atomic_write_bytes
+            from converters import atomic_write_bytes
 
             results["total_seconds"] = sum(r["seconds"] for r in results["runs"].values())
             atomic_write_bytes(json_path, json.dumps(results, indent=2).encode())
@@ -175,8 +175,8 @@ def run(args) -> dict:
             for attempt in range(RETRIES + 1):
                 net = make_net()
                 try:
-                    train(net, tx, ty, TrainConfig(**{**cfg.__dict__, "lr": lr}), TrainHooks(teacher=teacher),
-                          desc=label, progress=args.progress)
+                    toolchain.fit(net, (tx, ty), TrainConfig(**{**cfg.__dict__, "lr": lr}), teacher=teacher,
+                                  desc=label, progress=args.progress)
                     failed = "collapsed" if collapsed(net, tx[:10_000]) else None
                 except TrainingDiverged:
                     failed = "diverged"
@@ -184,7 +184,7 @@ def run(args) -> dict:
                     break
                 print(f"  {label:28s} {failed} at lr {lr:g}; retrying at lr {lr / 3:g}", flush=True)
                 lr /= 3
-            err = None if failed else evaluate(net, vx, vy)
+            err = None if failed else toolchain.evaluate(net, (vx, vy))
             shown = f"{failed.upper()} at lr {lr:g}" if failed else f"test error {100 * err:5.2f}%"
             print(f"  {label:28s} {shown}  stored weights {stored_weights(net):>9,}  ({time.time() - t:5.1f} s)",
                   flush=True)
@@ -278,8 +278,8 @@ def expansion(args) -> str:
         widths = [base[0], int(base[1] * factor), base[2]]
         torch.manual_seed(args.seed)
         net = hashed_mlp(widths, 1 / 64, seed=args.seed, base_widths=base)
-        train(net, tx, ty, cfg, desc=f"expand x{factor}", progress=args.progress)
-        err = evaluate(net, vx, vy)
+        toolchain.fit(net, (tx, ty), cfg, desc=f"expand x{factor}", progress=args.progress)
+        err = toolchain.evaluate(net, (vx, vy))
         print(f"  hidden {widths[1]}: test error {100 * err:.2f}%", flush=True)
         rows.append(f"| {widths[1]} | {mlp_weights(widths):,} | {stored_weights(net):,} | {100 * err:.2f} |")
     return "\n".join(rows)
@@ -288,8 +288,6 @@ def expansion(args) -> str:
 def onnx_timing(threads: int = 1) -> str:
     """Markdown table: onnxruntime session creation and median latency, shipped hashed files vs dense."""
     from toolchain.bench import time_model
-    from toolchain.measure import file_size
-    from toolchain.runtime import load_onnx, make_session
     from toolchain.zoo import MODELS_DIR
 
     rows = ["| model | file bytes | session start (ms) | batch 1 (ms) | batch 64 (ms) |", "|---|---:|---:|---:|---:|"]
@@ -299,11 +297,11 @@ def onnx_timing(threads: int = 1) -> str:
             starts = []
             for _ in range(7):
                 t = time.perf_counter()
-                make_session(str(path), threads=threads)
+                toolchain.session(path, threads=threads)
                 starts.append(1e3 * (time.perf_counter() - t))
-            model = load_onnx(path)
+            model = toolchain.read_onnx(path)
             lat = [time_model(model, path.name, b, threads).median_ms for b in (1, 64)]
-            rows.append(f"| {path.name} | {file_size(path):,} | {np.median(starts):.1f} | {lat[0]:.3f} | {lat[1]:.3f} |")
+            rows.append(f"| {path.name} | {path.stat().st_size:,} | {np.median(starts):.1f} | {lat[0]:.3f} | {lat[1]:.3f} |")
     return "\n".join(rows)
 
 

@@ -16,9 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import toolchain
 from toolchain.cli import main as toolchain_main
-from toolchain.accuracy import evaluate_onnx
-from toolchain.measure import measure
 from toolchain.zoo import get_model_spec
 
 PAPER = {  # Han et al. 2015, Table 1: error before -> after, parameters, compression
@@ -48,9 +47,10 @@ def main() -> int:
             if rc:
                 return rc
         minutes = None if reuse else (time.time() - t0) / 60
-        (b_stats, b_tot), (a_stats, a_tot) = measure(dense), measure(pruned)
-        e_b = evaluate_onnx(dense, progress=False).error
-        e_a = evaluate_onnx(pruned, progress=False).error
+        before, after = toolchain.info(dense), toolchain.info(pruned)
+        (b_stats, b_tot), (a_stats, a_tot) = (before.layers, before.totals), (after.layers, after.totals)
+        e_b = toolchain.evaluate(dense).error
+        e_a = toolchain.evaluate(pruned).error
         rows.append((name, e_b, e_a, b_tot, a_tot, minutes))
         a_by = {s.name: s for s in a_stats}
         per_layer.append((name, [(s, a_by.get(s.name)) for s in b_stats], b_tot, a_tot))

@@ -3,10 +3,12 @@ from pathlib import Path
 
 NAME = "bench"
 HELP = "benchmark inference latency in onnxruntime (vs a dense baseline, with the bandwidth floor)"
+EXAMPLE = """example:
+  toolchain bench out/lenet-300-100-pruned-fast.onnx --baseline models/lenet-300-100/lenet-300-100.onnx --batch 1,64"""
 
 
 def _ints(text: str, what: str) -> list[int]:
-    from ..errors import ToolchainError
+    from toolchain import ToolchainError
 
     try:
         vals = [int(v) for v in text.split(",")]
@@ -28,11 +30,11 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..bench import format_timings, memory_bandwidth, per_node_times, time_model, weight_bytes
-    from ..runtime import load_onnx
+    from toolchain import read_onnx
+    from toolchain.bench import format_timings, memory_bandwidth, per_node_times, time_model, weight_bytes
 
-    model = load_onnx(args.model)
-    base = load_onnx(args.baseline) if args.baseline else None
+    model = read_onnx(args.model)
+    base = read_onnx(args.baseline) if args.baseline else None
     batches, threads = _ints(args.batch, "batch"), _ints(args.threads, "threads")
     rows = []
     for th in threads:
@@ -57,7 +59,7 @@ def run(args) -> int:
                     cells = [f"{per[k]:.3f}" if k in per else ""] + ([f"{per_b[k]:.3f}" if k in per_b else ""] if base else [])
                     print(f"| {k} | " + " | ".join(cells) + " |")
     if args.png:
-        from ..plots import latency_plot
+        from toolchain.plots import latency_plot
 
         print(f"wrote {latency_plot(rows, args.png)}")
     return 0

@@ -3,11 +3,13 @@
 Data-parallel on several processes / GPUs / nodes:
     torchrun --nproc-per-node N -m toolchain compress ... --distributed   (see docs/scaling.md)
 """
-import dataclasses
 from pathlib import Path
 
 NAME = "compress"
 HELP = "compress an ONNX model with a recipe (prune / low-rank / hashed), retrain, export, measure"
+EXAMPLE = """example:
+  toolchain compress models/lenet-300-100/lenet-300-100.onnx -r models/lenet-300-100/prune.toml \\
+      -o out/lenet-300-100-pruned.onnx --plots out"""
 
 
 def add_arguments(p):
@@ -35,43 +37,28 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from converters import import_onnx
-
-    from .. import distributed as dist_
-    from ..driver import compress_network, load_training_data
-    from ..errors import ToolchainError
-    from ..accuracy import evaluate_onnx
-    from ..exporter import export_compressed
-    from ..measure import format_comparison, measure
-    from ..recipe import load_recipe
+    import toolchain
+    from toolchain import distributed as dist_
 
     if not dist_.init_from_env() and args.distributed:
-        raise ToolchainError("--distributed expects to be launched by torchrun: "
-                             "torchrun --nproc-per-node N -m toolchain compress ... --distributed")
+        raise toolchain.ToolchainError("--distributed expects to be launched by torchrun: "
+                                       "torchrun --nproc-per-node N -m toolchain compress ... --distributed")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    recipe = load_recipe(args.recipe)  # validate everything before touching data or weights
-    net = import_onnx(args.model)
-    for stage in recipe.stages:
-        stage.make_pass(net)  # layer names and per-layer options checked here
-    shape = net.input_shapes.get(net.input_names[0]) if recipe.dataset == "imagenet" else None  # sets the crop
-    if args.no_retrain:
-        for stage in recipe.stages:
-            stage.retrain = stage.retrain_final = dataclasses.replace(stage.retrain, epochs=0)
-    measure_accuracy = not (args.no_retrain and args.data is None and recipe.dataset == "imagenet")
-    data = load_training_data(recipe, args.data, input_shape=shape, num_workers=args.workers) if measure_accuracy else None
+    recipe = toolchain.Recipe.load(args.recipe)  # validate everything before touching data or weights
+    net = toolchain.load(args.model)
     ckpt = Path(args.checkpoint or f"{args.output}.ckpt")
-    result = compress_network(net, recipe, data, checkpoint=ckpt, resume=args.resume, progress=not args.no_progress)
+    result = toolchain.compress(net, recipe, args.data, checkpoint=ckpt, resume=args.resume, retrain=not args.no_retrain,
+                                progress=not args.no_progress, baseline=args.model, workers=args.workers)
     if not dist_.is_main():  # rank 0 exports, measures and reports
         dist_.cleanup()
         return 0
-    export_compressed(result.net, args.output, form=args.form)
-    before, after = measure(args.model), measure(args.output)
-    print(format_comparison(before, after))
-    if measure_accuracy:
-        err_after = evaluate_onnx(args.output, recipe.dataset, args.data, progress=False).error
+    toolchain.export(result.model, args.output, form=args.form, result=result)
+    print(toolchain.info(args.output, baseline=args.model).comparison())
+    if result.error_before is not None:
+        err_after = toolchain.evaluate(args.output, args.data, dataset=recipe.dataset).error
         print(f"test error: {100 * result.error_before:.2f}% before, {100 * err_after:.2f}% after "
               f"(exported {args.output}, {args.form} form)")
     else:
@@ -79,9 +66,9 @@ def run(args) -> int:
     for line in result.lines:
         print(f"  {line}")
     if args.plots:
-        from ..plots import sparsity_patterns
+        from toolchain.plots import sparsity_patterns
 
-        for path in sparsity_patterns(result.net, args.plots):
+        for path in sparsity_patterns(result.network, args.plots):
             print(f"wrote {path}")
     ckpt.unlink(missing_ok=True)
     dist_.cleanup()

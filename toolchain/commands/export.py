@@ -2,9 +2,13 @@
 
 Layers whose weights are mostly zero become pruned layers (mask = weight != 0), so any sparse
 model, ours or another tool's, can be written in the portable compact form or the fast custom-op form.
+The report compares against the dense original the file records (files `toolchain compress` wrote),
+else against the input file.
 """
 NAME = "export"
 HELP = "re-export an ONNX model in the portable sparse form or the fast custom-op form"
+EXAMPLE = """example:
+  toolchain export models/lenet-5/lenet-5-pruned.onnx -o out/lenet-5-fast.onnx --form fast"""
 
 
 def add_arguments(p):
@@ -18,16 +22,13 @@ def add_arguments(p):
 def run(args) -> int:
     import torch
 
-    from converters import import_onnx
-
-    from ..errors import ToolchainError
-    from ..exporter import export_compressed
-    from ..methods.prune.layers import masked_from_dense
-    from ..measure import format_comparison, measure
+    import toolchain
+    from toolchain.methods.prune import masked_from_dense
 
     if not 0 < args.max_density <= 1:
-        raise ToolchainError(f"--max-density must be in (0, 1], not {args.max_density}")
-    net = import_onnx(args.model)
+        raise toolchain.ToolchainError(f"--max-density must be in (0, 1], not {args.max_density}")
+    source = toolchain.read_onnx(args.model)
+    net = toolchain.load(source)
     for name, layer in net.layers().items():
         if type(layer) in (torch.nn.Linear, torch.nn.Conv2d):
             nonzero = layer.weight != 0
@@ -35,7 +36,14 @@ def run(args) -> int:
                 masked = masked_from_dense(layer)
                 masked.prune_(nonzero)
                 net.replace_layer(name, masked)
-    export_compressed(net, args.output, form=args.form)
-    print(format_comparison(measure(args.model), measure(args.output)))
+    # keep the records the input carries (recipe, error, original), under this file's producer
+    keep = {p.key: p.value for p in source.metadata_props if p.key.startswith("ai.toolchain.")
+            and p.key not in ("ai.toolchain.producer", "ai.toolchain.pruned", "ai.toolchain.hashed")}
+    toolchain.export(net, args.output, form=args.form, metadata=keep)
+    report = toolchain.info(args.output)
+    if report.baseline is None:  # no recorded original: compare with the input file
+        report = toolchain.info(args.output, baseline=args.model)
+        print(f"(against the input file {args.model}; it records no dense original)")
+    print(report.comparison())
     print(f"wrote {args.output} ({args.form} form)")
     return 0

@@ -1,10 +1,12 @@
 """toolchain import caffe NET.prototxt [WEIGHTS.caffemodel] -o MODEL.onnx — bring a Caffe model in as ONNX."""
 from __future__ import annotations
 
-from ..errors import ToolchainError
+from toolchain.errors import ToolchainError
 
 NAME = "import"
 HELP = "convert a Caffe model (.prototxt [+ .caffemodel]) to ONNX"
+EXAMPLE = """example:
+  toolchain import caffe lenet.prototxt lenet_iter_10000.caffemodel -o lenet.onnx"""
 
 
 def add_arguments(p):
@@ -38,7 +40,7 @@ def _numbers(text: str | None, what: str, kind=float) -> list | None:
 
 
 def run(args) -> int:
-    from converters.caffe import import_caffe
+    from toolchain import import_caffe
 
     shape = _numbers(args.input_shape, "--input-shape", int)
     scale = _numbers(args.input_scale, "--input-scale")

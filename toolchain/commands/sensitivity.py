@@ -3,6 +3,8 @@ from pathlib import Path
 
 NAME = "sensitivity"
 HELP = "per-layer pruning sensitivity: error vs density for each layer alone (table + PNG)"
+EXAMPLE = """example:
+  toolchain sensitivity models/lenet-5/lenet-5.onnx --densities 1,.3,.1,.03 -o out/lenet-5-sensitivity.png"""
 
 
 def add_arguments(p):
@@ -16,12 +18,10 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from converters import import_onnx
-
-    from ..data import load_mnist
-    from ..errors import ToolchainError
-    from ..plots import sensitivity_plot
-    from ..sensitivity import DEFAULT_DENSITIES, format_sensitivity, sensitivity
+    from toolchain import ToolchainError, load
+    from toolchain.data import load_mnist
+    from toolchain.plots import sensitivity_plot
+    from toolchain.sensitivity import DEFAULT_DENSITIES, format_sensitivity, sensitivity
 
     densities = DEFAULT_DENSITIES
     if args.densities:
@@ -32,7 +32,7 @@ def run(args) -> int:
         bad = [d for d in densities if not 0 < d <= 1]
         if bad:
             raise ToolchainError(f"density {bad[0]} is outside (0, 1]")
-    net = import_onnx(args.model)
+    net = load(args.model)
     layers = args.layers.split(",") if args.layers else None
     for name in layers or []:
         if name not in net.layers():

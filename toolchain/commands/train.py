@@ -4,6 +4,8 @@ from pathlib import Path
 
 NAME = "train"
 HELP = "train a reference model from the zoo (resumable, seeded) and export it as ONNX"
+EXAMPLE = """example:
+  toolchain train lenet-5 -o out/lenet-5.onnx --epochs 1"""
 
 
 def add_arguments(p):
@@ -23,12 +25,9 @@ def run(args) -> int:
     import torch
 
     from converters import torch_to_onnx
-
-    from ..data import load_mnist
-    from ..errors import ToolchainError
-    from ..recipe import build_dataclass
-    from ..train import TrainConfig, evaluate, train
-    from ..zoo import create_model, get_model_spec
+    from toolchain import ToolchainError, evaluate, fit
+    from toolchain.data import load_mnist
+    from toolchain.zoo import create_model, get_model_spec
 
     spec = get_model_spec(args.model)
     if spec.dataset != "mnist":
@@ -42,16 +41,15 @@ def run(args) -> int:
         table["epochs"] = args.epochs
     if args.seed is not None:
         table["seed"] = args.seed
-    cfg = build_dataclass(TrainConfig, table, str(cfg_path))
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.output or spec.onnx_path)
     data = load_mnist(args.data)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(int(table.get("seed", 0)))
     model = create_model(args.model)
-    train(model, data.train_x, data.train_y, cfg, checkpoint=args.checkpoint or f"{out}.ckpt", resume=args.resume,
-          desc=f"train {args.model}", progress=not args.no_progress)
-    err = evaluate(model, data.test_x, data.test_y)
+    fit(model, (data.train_x, data.train_y), table, checkpoint=args.checkpoint or f"{out}.ckpt", resume=args.resume,
+        progress=not args.no_progress, where=str(cfg_path))
+    err = evaluate(model, (data.test_x, data.test_y))
     torch_to_onnx(model.eval(), torch.zeros(1, *spec.input_shape), out)
     print(f"{args.model}: test error {100 * err:.2f}% -> wrote {out}")
     return 0

@@ -3,6 +3,9 @@ import shutil
 
 NAME = "zoo"
 HELP = "list reference models or export one as ONNX (AlexNet: real architecture, own seeded init)"
+EXAMPLE = """examples:
+  toolchain zoo list
+  toolchain zoo export alexnet -o out/alexnet.onnx --seed 0"""
 
 
 def add_arguments(p):
@@ -16,7 +19,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..zoo import get_model_spec, list_models
+    from toolchain.zoo import get_model_spec, list_models
 
     if args.zoo_command == "list":
         for name in list_models():

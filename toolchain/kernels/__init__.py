@@ -18,16 +18,37 @@ DOMAIN = "ai.toolchain"
 OPSET_VERSION = 1
 
 
-def library_path(build: bool = True) -> Path:
-    """Path of libtoolchain_ops.so; with `build`, (re)compile it first if missing or older than its sources.
+# `pip install .` compiles the library into the installed package (setup.py); a checkout builds it
+# into toolchain/kernels/build/ (make kernels, or on first use). BUILD_FAILED.txt there says why an
+# install could not build it.
+INSTALLED_DIR = Path(__file__).resolve().parent / "lib"
 
-    Without `build` the path is returned even if the file does not exist yet.
+
+def library_path(build: bool = True) -> Path:
+    """Path of libtoolchain_ops.so.
+
+    The copy the install built wins; otherwise (a source checkout, or an install that could not
+    compile it) the library in toolchain/kernels/build, (re)compiled first if missing or older than
+    its sources when `build` is true. Raises ToolchainError saying why when there is none and it
+    cannot be built (no C++ compiler, no onnxruntime headers): only the fast form needs it, the
+    portable form runs in stock onnxruntime. Without `build` the path is returned even if the file
+    does not exist yet.
     """
+    from toolchain.errors import ToolchainError
     from toolchain.kernels import build as _build  # imported here so `python -m toolchain.kernels.build` runs cleanly
 
-    if build:
+    installed = _build.library_file(INSTALLED_DIR)
+    if installed.is_file():
+        return installed
+    if not build:
+        return _build.library_file()
+    try:
         return _build.build()
-    return _build.library_file()
+    except (_build.BuildError, OSError) as e:
+        why = INSTALLED_DIR / "BUILD_FAILED.txt"
+        at_install = f" (at install time: {why.read_text().strip()})" if why.is_file() else ""
+        raise ToolchainError(f"the fast form's custom-op library is unavailable: {e}{at_install}. The portable "
+                             "form needs no library (toolchain export --form portable)") from None
 
 
 def register(sess_options) -> Path:

@@ -10,6 +10,7 @@ $TOOLCHAIN_CACHE/ort-headers-1.29 (default ~/.cache/toolchain/ort-headers-1.29).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -18,8 +19,26 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from toolchain.errors import ToolchainError
-from converters.fileio import atomic_path
+
+class BuildError(RuntimeError):
+    """The library cannot be built here (no compiler, no headers, a compile error); says why."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """A temporary path beside `path`, renamed over it only if the block succeeds.
+
+    (This script runs standalone at install time, before the package is importable, so it keeps its
+    own copy of converters.fileio.atomic_path's idea in four lines.)"""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 KERNELS_DIR = Path(__file__).resolve().parent
 SOURCE_DIR = KERNELS_DIR / "csrc"
@@ -55,7 +74,7 @@ def find_headers(verbose: bool = False) -> Path:
     if env:
         inc = Path(env).expanduser()
         if not (inc / HEADER_FILE).is_file():
-            raise ToolchainError(
+            raise BuildError(
                 f"ORT_INCLUDE_DIR={env} has no {HEADER_FILE}; point it at onnxruntime's include folder"
             )
         return inc
@@ -69,7 +88,7 @@ def find_headers(verbose: bool = False) -> Path:
 def _fetch_headers(dest: Path, verbose: bool) -> None:
     npm = shutil.which("npm")
     if npm is None:
-        raise ToolchainError(
+        raise BuildError(
             "npm not found (needed once to fetch onnxruntime's C API headers): install Node.js/npm, "
             f"or set ORT_INCLUDE_DIR to a folder with {HEADER_FILE} from onnxruntime >= 1.29"
         )
@@ -84,7 +103,7 @@ def _fetch_headers(dest: Path, verbose: bool) -> None:
         tarballs = list(tmp.glob("*.tgz"))
         if proc.returncode != 0 or not tarballs:
             detail = (proc.stderr or proc.stdout).strip().splitlines()
-            raise ToolchainError(
+            raise BuildError(
                 f"npm pack {NPM_PACKAGE} failed ({detail[-1] if detail else 'no output'}); "
                 f"check network access to the npm registry or set ORT_INCLUDE_DIR"
             )
@@ -102,7 +121,7 @@ def _fetch_headers(dest: Path, verbose: bool) -> None:
                 (out / name).write_bytes(src.read())
                 n += 1
         if not (out / HEADER_FILE).is_file():
-            raise ToolchainError(f"{NPM_PACKAGE} did not contain {NPM_HEADERS}{HEADER_FILE}; set ORT_INCLUDE_DIR")
+            raise BuildError(f"{NPM_PACKAGE} did not contain {NPM_HEADERS}{HEADER_FILE}; set ORT_INCLUDE_DIR")
         _log(verbose, f"extracted {n} headers to {dest}")
         try:
             out.rename(dest)
@@ -111,8 +130,8 @@ def _fetch_headers(dest: Path, verbose: bool) -> None:
                 raise
 
 
-def library_file() -> Path:
-    return BUILD_DIR / LIBRARY_NAME
+def library_file(out_dir: Path | None = None) -> Path:
+    return (out_dir or BUILD_DIR) / LIBRARY_NAME
 
 
 def sources() -> list[Path]:
@@ -132,7 +151,7 @@ def _compiler() -> str:
     cxx = os.environ.get("CXX") or "g++"
     path = shutil.which(cxx)
     if path is None:
-        raise ToolchainError(
+        raise BuildError(
             f"C++ compiler '{cxx}' not found: install g++ (e.g. apt-get install g++) or set CXX to a C++17 compiler"
         )
     return path
@@ -146,18 +165,19 @@ def _run(cmd: list[str], verbose: bool) -> None:
     if proc.returncode != 0:
         errors = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.strip().splitlines()
         first = errors[0] if errors else f"exit status {proc.returncode}"
-        raise ToolchainError(f"building {LIBRARY_NAME} failed: {first} (run python -m toolchain.kernels.build -v)")
+        raise BuildError(f"building {LIBRARY_NAME} failed: {first} (run python -m toolchain.kernels.build -v)")
 
 
-def build(force: bool = False, verbose: bool = False) -> Path:
-    """Compile the library if it is missing or older than its sources (or `force`); return its path."""
-    lib = library_file()
+def build(force: bool = False, verbose: bool = False, out_dir: Path | None = None) -> Path:
+    """Compile the library into `out_dir` (default: toolchain/kernels/build) if it is missing or older
+    than its sources (or `force`); return its path."""
+    lib = library_file(out_dir)
     if not force and not is_stale(lib):
         return lib
     cxx = _compiler()
     include = find_headers(verbose)
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="objs-", dir=BUILD_DIR) as tmp:
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="objs-", dir=lib.parent) as tmp:
         objects = []
         for name, extra in SOURCES.items():
             obj = Path(tmp) / (Path(name).stem + ".o")
@@ -174,10 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m toolchain.kernels.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if the library is up to date")
     parser.add_argument("-v", "--verbose", action="store_true", help="show compiler commands and output")
+    parser.add_argument("--out-dir", type=Path, default=None, help="where to put the library (default: %(default)s, "
+                        "i.e. toolchain/kernels/build)")
     args = parser.parse_args(argv)
     try:
-        print(build(force=args.force, verbose=args.verbose))
-    except ToolchainError as e:
+        print(build(force=args.force, verbose=args.verbose, out_dir=args.out_dir))
+    except BuildError as e:
         print(f"toolchain.kernels.build: error: {e}", file=sys.stderr)
         return 2
     return 0
