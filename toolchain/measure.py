@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .runtime import CUSTOM_DOMAIN, load_onnx, make_session
+from .runtime import CUSTOM_DOMAIN, load_onnx, make_session, run
 
 # Nodes counted as layers, and which input holds the weight (None: custom layout, see _custom_weight).
 LAYER_OPS = {("", "Conv"): 1, ("", "Gemm"): 1, ("", "MatMul"): 1, ("", "ConvTranspose"): 1}
@@ -99,7 +99,7 @@ def _evaluate_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.n
     )
     sub_model = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     sess = make_session(sub_model, optimize=False)
-    out = dict(zip(todo, sess.run(todo, {})))
+    out = dict(zip(todo, run(sess, {}, todo)))
     out.update(direct)
     return out
 
@@ -209,7 +209,7 @@ def _output_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
         dtype = np.float32 if "float" in i.type else np.int64
         feeds[i.name] = np.zeros(shape, dtype)
-    outs = sess.run(names, feeds)
+    outs = run(sess, feeds, names)
     return {nm: o.shape for nm, o in zip(names, outs)}
 
 
