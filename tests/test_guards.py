@@ -199,3 +199,68 @@ def test_cli_zoo_export(tmp_path, capsys):
     assert set(net.layers()) == {"ip1", "ip2", "ip3"}
     assert not np.array_equal(onnx.load(str(fresh)).graph.initializer[0].raw_data,
                               onnx.load(str(MODELS_DIR / "lenet-300-100" / "lenet-300-100.onnx")).graph.initializer[0].raw_data)
+
+
+# ------------------------------------------------------------------ gaps found by mutation testing
+@pytest.mark.parametrize("cls, args", [("HashedLinear", (6, 4, 5)), ("HashedConv2d", (2, 3, 3, 7))])
+def test_hashed_layers_default_seed_and_virtual_weight(cls, args):
+    from toolchain.methods.hashed import layers as H
+
+    layer = getattr(H, cls)(*args)
+    assert layer.seed == 0 and layer.bias is not None
+    count = math.prod(layer.weight_shape)
+    want = layer.weight.detach().numpy()[H.hash_buckets(0, count, layer.buckets)] * H.hash_signs(0, count)
+    np.testing.assert_allclose(layer.virtual_weight().detach().numpy().reshape(-1), want, rtol=1e-6)
+
+
+def test_hashed_conv_checks_groups():
+    from toolchain.methods.hashed.layers import HashedConv2d
+
+    with pytest.raises(ValueError):
+        HashedConv2d(4, 3, 3, 5, groups=2)  # out_channels not divisible by groups
+    with pytest.raises(ValueError):
+        HashedConv2d(3, 4, 3, 5, groups=2)  # in_channels not divisible by groups
+
+
+def test_quality_pruning_keeps_a_layers_last_weight():
+    from toolchain.methods.prune.passes import quality_threshold
+
+    w = torch.tensor([[0.0, 3.0], [0.0, 0.0]])
+    mask = w != 0
+    assert quality_threshold(w, mask, 1.0) == 0.0  # std of one weight is undefined: keep it, not prune all
+    w2 = torch.tensor([[1.0, 3.0]])
+    assert quality_threshold(w2, torch.ones_like(w2, dtype=torch.bool), 2.0) == pytest.approx(2 * float(w2.std()))
+
+
+def test_dropout_rescaling_is_per_layer():
+    from toolchain.methods.prune.passes import PruneLayerOptions, PruneOptions, PrunePass
+
+    torch.manual_seed(0)
+    nodes = [Node("fc1", "Gemm", ["x"], ["h"]), Node("d1", "Dropout", ["h"], ["a"]),
+             Node("fc2", "Gemm", ["a"], ["g"]), Node("d2", "Dropout", ["g"], ["b"]), Node("fc3", "Gemm", ["b"], ["y"])]
+    mods = {"fc1": nn.Linear(20, 30), "d1": nn.Dropout(0.5), "fc2": nn.Linear(30, 30), "d2": nn.Dropout(0.2),
+            "fc3": nn.Linear(30, 4)}
+    net = Network(nodes, mods, {}, ["x"], ["y"], {"x": ["N", 20]})
+    p = PrunePass(PruneOptions(rounds=2), {"fc1": PruneLayerOptions(quality=0.6), "fc2": PruneLayerOptions(quality=1.0)})
+    for r in range(2):
+        p.apply(net, r)
+        l1, l2 = net.layers()["fc1"], net.layers()["fc2"]
+        assert net.ops["d1"].p == pytest.approx(0.5 * math.sqrt(l1.nnz() / 600))
+        assert net.ops["d2"].p == pytest.approx(0.2 * math.sqrt(l2.nnz() / 900))
+    lines = p.summary(net)
+    assert lines[:2] == [f"fc1: {l1.density():.2%} of its remaining weights kept",
+                         f"fc2: {l2.density():.2%} of its remaining weights kept"]
+
+
+def test_sparse_encoding_round_trip_with_adjacent_and_far_nonzeros():
+    from toolchain.errors import ModelFormatError
+    from toolchain.methods.prune.sparse_format import EncodedSparse, decode, encode
+
+    w = np.zeros(70000, np.float32)
+    w[[0, 1, 2, 300, 301, 69999]] = [1, -2, 3, -4, 5, 6]  # gaps of 1, a long gap needing fillers
+    for shape in ((70000,), (7, 10000)):
+        enc = encode(w.reshape(shape))
+        out = decode(enc, shape)
+        assert out.dtype == np.float32 and np.array_equal(out.reshape(-1), w)
+    with pytest.raises(ModelFormatError, match="3 values but 2 indices"):
+        decode(EncodedSparse(np.ones(3, np.float32), np.array([1, 2], np.int32), "positions", 10), (10,))

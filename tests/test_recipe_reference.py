@@ -1,5 +1,6 @@
 """docs/recipes.md is generated from the option dataclasses: it must match tools/recipe_reference.py."""
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_docs_recipes_md_is_what_the_script_prints():
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "recipe_reference.py")], capture_output=True,
-                         text=True, check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}).stdout
+                         text=True, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     assert (ROOT / "docs" / "recipes.md").read_text() == out, \
         "docs/recipes.md is stale: PYTHONPATH=. python tools/recipe_reference.py > docs/recipes.md"
 
