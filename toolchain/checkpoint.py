@@ -241,9 +241,13 @@ def data_digest(data) -> str | None:
             flat = a.reshape(-1)
             step = max(1, flat.size // 65536)
             h.update(np.ascontiguousarray(flat[::step]).tobytes())
-        else:
+        else:  # a data source (ImageNet folder, a DataLoader's adapter): what identifies its samples
             h.update(type(part).__name__.encode() + str(len(part) if hasattr(part, "__len__") else "").encode())
-            h.update(str(getattr(part, "root", getattr(part, "path", ""))).encode())
+            for attr in ("origin", "root", "path", "crop", "train", "resize"):
+                h.update(f"{attr}={getattr(part, attr, None)!r};".encode())
+            labels = getattr(part, "labels", None)
+            if isinstance(labels, np.ndarray):
+                h.update(np.ascontiguousarray(labels.reshape(-1)[:: max(1, labels.size // 65536)]).tobytes())
     return h.hexdigest()[:16]
 
 
