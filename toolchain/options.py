@@ -51,6 +51,13 @@ class Interval:
 
         return cls(num(m[2]), num(m[3]), m[1] == "(", m[4] == ")", text.strip())
 
+    def describe(self) -> str:
+        """'>= 0' / '> 0' for a half-line, else the interval as written ('[1, 1000]', '(0, 1]')."""
+        if self.hi == math.inf and self.lo != -math.inf:
+            lo = int(self.lo) if float(self.lo).is_integer() else self.lo
+            return f"{'>' if self.lo_open else '>='} {lo}"
+        return self.text
+
     def __contains__(self, v) -> bool:
         lo_ok = v > self.lo if self.lo_open else v >= self.lo
         hi_ok = v < self.hi if self.hi_open else v <= self.hi
@@ -143,15 +150,20 @@ def check_value(cls: type, f: dataclasses.Field, value, where: str, types_=None)
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{where}{f.name} must be a finite number{_allowed(r)}, not {value!r}")
     if "range" in r and isinstance(value, (int, float)) and not isinstance(value, bool) and value not in r["range"]:
-        raise ValueError(f"{where}{f.name} must be in {r['range'].text}, not {value!r}")
+        raise ValueError(f"{where}{f.name} must be {_in(r['range'])}, not {value!r}")
     if "choices" in r and value is not None and value not in r["choices"]:
         raise ValueError(f"{where}unknown {f.name} {value!r}: {f.name} must be one of "
                          f"{', '.join(map(repr, r['choices']))}")
 
 
+def _in(iv: Interval) -> str:
+    d = iv.describe()
+    return d if d.startswith(">") else f"in {d}"
+
+
 def _allowed(r: dict) -> str:
     if "range" in r:
-        return f" in {r['range'].text}"
+        return f" {_in(r['range'])}"
     if "choices" in r:
         return f" ({', '.join(map(repr, r['choices']))})"
     return ""
@@ -185,7 +197,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def describe_rules(cls: type, f: dataclasses.Field) -> str:
     r = rules(cls, f)
     if "range" in r:
-        return r["range"].text
+        return r["range"].describe()
     if "choices" in r:
         return ", ".join(f"`{c}`" if isinstance(c, str) else repr(c) for c in r["choices"])
     return ""
