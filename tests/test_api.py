@@ -85,7 +85,9 @@ def test_sequential_mlp_in_ten_lines(tmp_path, data, lenet300_path):
         for i, m in zip((0, 2, 4), layers):
             assert torch.equal(m.mask, model[i].mask)
     meta = toolchain.file_metadata(tmp_path / "m.onnx")
-    assert '"toolchain"' in meta["ai.toolchain.producer"] and "prune" in meta["ai.toolchain.recipe"]
+    proto = __import__("onnx").load(str(tmp_path / "m.onnx"))
+    assert (proto.producer_name, proto.producer_version) == ("toolchain", toolchain.__version__)
+    assert "prune" in meta["ai.toolchain.recipe"] and "ai.toolchain.original" in meta
     assert abs(float(meta["ai.toolchain.test_error"]) - result.error_after) < 1e-6
 
 

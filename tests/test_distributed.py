@@ -89,7 +89,7 @@ def state(net: nn.Module) -> dict[str, torch.Tensor]:
 def scenarios(names: list[str], outdir: Path) -> None:
     """Join the process group, run each named scenario, save each one's results per rank."""
     torch.set_num_threads(1)
-    assert dist_.init_from_env(), "not launched as a process group"
+    assert dist_.init_from_env(device="cpu"), "not launched as a process group"  # gloo, also on a GPU machine
     try:
         for name in names:
             torch.save(scenario(name, outdir), outdir / f"{name}-rank{dist_.rank()}.pt")

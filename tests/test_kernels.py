@@ -1,5 +1,5 @@
 """Tests for the sparse custom-op library (toolchain/kernels): SparseLinear / SparseConv against
-numpy and torch, both ISA paths, thread-count determinism, validation of corrupted models, build.
+numpy and torch, every ISA path of this CPU, thread-count determinism, validation of corrupted models, build.
 
 Corrupted-model cases run in a subprocess (this file executed as a script), so a crash in the
 library fails the test instead of killing pytest.
@@ -22,21 +22,26 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from toolchain import kernels
-from toolchain.errors import ModelFormatError, ToolchainError
+from toolchain.errors import ModelFormatError
 from toolchain.kernels import build as kbuild
 from toolchain.kernels import csr
 
 
-def _cpu_has_avx2_fma() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
-HAS_AVX2 = _cpu_has_avx2_fma()
-ISAS = ["portable"] + (["avx2"] if HAS_AVX2 else [])
+_FLAGS = _cpu_flags()
+HAS_AVX2 = {"avx2", "fma"} <= _FLAGS
+HAS_AVX512 = HAS_AVX2 and {"avx512f", "avx512bw", "avx512vl"} <= _FLAGS
+ISAS = ["portable"] + (["avx2"] if HAS_AVX2 else []) + (["avx512"] if HAS_AVX512 else [])
 
 
 @pytest.fixture(scope="session")
@@ -218,17 +223,18 @@ def test_optional_bias_by_empty_name(lib):
 
 @pytest.mark.skipif(not HAS_AVX2, reason="CPU without AVX2/FMA")
 def test_isa_env_switches_kernels(lib):
-    # Different summation order (FMA, 8 lanes) makes the two paths differ in the last bits.
+    # Different summation orders (FMA, 8 or 16 lanes) make the paths differ in the last bits.
     rng = np.random.default_rng(7)
     w = random_sparse(rng, (200, 3000), 0.3)
-    x = rng.standard_normal((5, 3000)).astype(np.float32)
     model = csr.make_sparse_linear_model(w)
-    out = {isa: make_session(model, lib, isa=isa).run(None, {"X": x})[0] for isa in ("avx2", "portable")}
-    assert not np.array_equal(out["avx2"], out["portable"])
-    for y in out.values():
-        assert_close(y, x.astype(np.float64) @ w.T)
-    auto = make_session(model, lib).run(None, {"X": x})[0]
-    np.testing.assert_array_equal(auto, out["avx2"])
+    for n in (1, 5):
+        x = rng.standard_normal((n, 3000)).astype(np.float32)
+        out = {isa: make_session(model, lib, isa=isa).run(None, {"X": x})[0] for isa in ISAS}
+        assert not np.array_equal(out["avx2"], out["portable"])
+        for y in out.values():
+            assert_close(y, x.astype(np.float64) @ w.T)
+        auto = make_session(model, lib).run(None, {"X": x})[0]
+        np.testing.assert_array_equal(auto, out[ISAS[-1]])  # auto takes the widest path the CPU has
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -379,7 +385,7 @@ def _corrupt_cases():
         "missing_in_features": (_without_attr(_linear_model(), "in_features"), x, "in_features"),
         "not_constant": (_as_graph_input(_linear_model(), "fc.values"), x, "must be a constant initializer"),
         "x_features": (_symbolic_input(_linear_model()), np.ones((2, 9), np.float32), "in_features is 10"),
-        "isa_env": (_linear_model(), x, "TOOLCHAIN_KERNELS_ISA"),
+        "isa_env": (_linear_model(), x, "TOOLCHAIN_KERNELS_ISA=sse9 is not one of auto, avx512, avx2, portable"),
         "conv_col_range": (_replace(_conv_model(), "conv.col_idx", np.r_[np.zeros(71), 18].astype(np.uint16)), xc,
                            "out of range"),
         "conv_valid": (_conv_model(), xc, None),  # control: a valid grouped model runs

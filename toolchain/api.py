@@ -19,6 +19,7 @@ same forward; BatchNorm and Dropout stay as they are while it retrains).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -42,7 +43,6 @@ from .recipe import Recipe, load_recipe
 __all__ = ["compress", "export", "load", "evaluate", "info", "read_onnx", "session", "fit", "import_caffe", "file_metadata",
            "set_metadata", "CompressionResult", "ModelInfo"]
 
-METADATA_PRODUCER = "ai.toolchain.producer"
 METADATA_RECIPE = "ai.toolchain.recipe"
 METADATA_ERROR = "ai.toolchain.test_error"
 METADATA_ORIGINAL = "ai.toolchain.original"
@@ -80,14 +80,14 @@ class CompressionResult:
         return meta
 
 
-_ORIGINAL_TOTALS = ("params", "nnz", "macs_dense", "macs", "stored", "stored_bytes", "file_bytes")
+_ORIGINAL_TOTALS = ("params", "macs_dense", "stored_bytes", "file_bytes")
 
 
 def original_record(measured: tuple) -> str:
-    """The dense original's measurement as compact JSON (what a comparison reads of it: per layer its name,
-    weight shape, parameters and MACs; the totals), for a compressed file to report against later."""
+    """The dense original's measurement as compact JSON: what a before/after comparison reads of it (per
+    layer its name, parameters and MACs; four totals), for a compressed file to report against later."""
     stats, totals = measured
-    layers = [[st.name, st.op, list(st.weight_shape), st.params, st.macs_dense, st.stored_bytes] for st in stats]
+    layers = [[st.name, st.params, st.macs_dense] for st in stats]
     return json.dumps({"layers": layers, "totals": [totals[k] for k in _ORIGINAL_TOTALS]}, separators=(",", ":"))
 
 
@@ -100,9 +100,11 @@ def original_from_metadata(model: onnx.ModelProto) -> "ModelInfo | None":
         return None
     try:
         data = json.loads(record)
-        layers = [LayerStats(name, op, tuple(shape), params, params, params, stored, macs, macs)
-                  for name, op, shape, params, macs, stored in data["layers"]]
-        return ModelInfo(layers, dict(zip(_ORIGINAL_TOTALS, data["totals"])))
+        layers = [LayerStats(name, "", (), params, params, params, 4 * params, macs, macs)
+                  for name, params, macs in data["layers"]]
+        totals = dict(zip(_ORIGINAL_TOTALS, data["totals"]))
+        totals.update(nnz=totals["params"], macs=totals["macs_dense"], stored=totals["stored_bytes"] // 4)
+        return ModelInfo(layers, totals)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
 
@@ -143,30 +145,27 @@ def _first_batch(data) -> torch.Tensor | None:
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.utils.data.DataLoader):
         x = data[0].collate_fn([data[0].dataset[0], data[0].dataset[1]])[0]
         return torch.as_tensor(x)
-    if isinstance(data, tuple) and len(data) == 2:
+    if isinstance(data, tuple) and len(data) in (2, 4):  # (inputs, labels[, eval inputs, eval labels])
         return torch.as_tensor(np.asarray(data[0][:2]))
     return None
 
 
-def _fit_example(model: nn.Module, sample: torch.Tensor, example_input) -> torch.Tensor:
-    """An input batch the model accepts: `example_input`, else the data's samples as they are or flattened."""
-    if example_input is not None:
-        return example_input
-    tried = []
-    for cand in (sample, sample.reshape(len(sample), -1)):
-        if any(cand.shape == t.shape for t in tried):
-            continue
-        tried.append(cand)
-        try:
-            was = model.training
-            model.eval()
-            with torch.no_grad():
-                model(cand)
-            model.train(was)
-            return cand
-        except Exception as e:  # the model's own error: shapes that do not fit
-            model.train(was)
-            err = e
+def _fit_example(model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
+    """An input batch the model accepts: the data's samples as they are, else flattened."""
+    was = model.training
+    model.eval()
+    err: Exception | None = None
+    flat = sample.reshape(len(sample), -1)
+    try:
+        for cand in [sample] + ([flat] if flat.shape != sample.shape else []):
+            try:
+                with torch.no_grad():
+                    model(cand)
+                return cand
+            except Exception as e:  # the model's own error: shapes that do not fit
+                err = e
+    finally:
+        model.train(was)
     raise DataError(f"data samples of shape {list(sample.shape[1:])} do not fit {type(model).__name__} "
                     f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); pass example_input=")
 
@@ -181,12 +180,13 @@ def _arrays_for(x, y, shape) -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(len(x), *shape), y
 
 
-def _training_data(data, recipe: Recipe, shape: tuple[int, ...], workers: int | None = None):
+def _training_data(data, recipe: Recipe, shape: tuple[int, ...], workers: int | None = None, device=None):
     """(train_x, train_y, test_x, test_y) for the driver, fitted to the model's sample shape."""
     if data is None or isinstance(data, (str, os.PathLike)):
         from .driver import load_training_data
 
-        tx, ty, vx, vy = load_training_data(recipe, data, input_shape=[None, *shape], num_workers=workers)
+        tx, ty, vx, vy = load_training_data(recipe, data, input_shape=[None, *shape], num_workers=workers,
+                                            device=device)
         if ty is None:  # image folders: data sources already shaped by the crop
             return tx, ty, vx, vy
         return (*_arrays_for(tx, ty, shape), *_arrays_for(vx, vy, shape))
@@ -214,7 +214,7 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
              loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              checkpoint: str | os.PathLike | None = None, resume: bool = False, retrain: bool = True,
              progress: bool = True, baseline: str | os.PathLike | onnx.ModelProto | None = None,
-             workers: int | None = None) -> CompressionResult:
+             workers: int | None = None, device=None) -> CompressionResult:
     """Compress `model` with `recipe`, retraining between rounds; returns a CompressionResult.
 
     model:   any torch.nn.Module (your own class, an nn.Sequential) or a Network from `load`.
@@ -233,6 +233,8 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
     baseline: the dense ONNX file `model` was loaded from, measured as the "before" (default: the
              model as it is before compression, exported).
     workers: image-decoding processes for an image-folder data set (default: from the CPU count).
+    device:  where to retrain: "cpu", "cuda", "cuda:N", "auto" or a torch.device (default: where the
+             model is; under torchrun, the process's GPU). The model is returned where it came from.
 
     Everything is checked before training starts: the recipe, its layer names against the model,
     that each stage selects a layer, that the data fits the model.
@@ -246,7 +248,7 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
     if not retrain:
         recipe = copy.deepcopy(recipe)
         for stage in recipe.stages:
-            stage.retrain = stage.retrain_final = stage.retrain.__class__(**{**stage.retrain.__dict__, "epochs": 0})
+            stage.retrain = stage.retrain_final = dataclasses.replace(stage.retrain, epochs=0)
     if isinstance(model, Network):
         example = None
         shape = tuple(d if isinstance(d, int) else 1 for d in model.input_shapes[model.input_names[0]][1:])
@@ -255,7 +257,7 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
             sample = _first_batch(data)
             if sample is None:  # the built-in data: MNIST images
                 sample = torch.zeros(2, 1, 28, 28)
-            example_input = _fit_example(model, sample.float(), None)
+            example_input = _fit_example(model, sample.float())
         example = example_input
         shape = tuple(example.shape[1:])
     net = _network(model, example)
@@ -268,9 +270,9 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
     before = measure(baseline if baseline is not None else export_compressed(net))
     model.train(was_training)
     no_data = data is None and recipe.dataset == "imagenet" and not retrain  # AlexNet without ImageNet
-    train_data = None if no_data else _training_data(data, recipe, shape, workers)
+    train_data = None if no_data else _training_data(data, recipe, shape, workers, device)
     res = compress_network(net, recipe, train_data, checkpoint=checkpoint, resume=resume, progress=progress,
-                           model=model, make_optimizer=optimizer, loss_fn=loss)
+                           model=model, make_optimizer=optimizer, loss_fn=loss, device=device)
     after = measure(export_compressed(res.net))
     model.train(was_training)
     out = model if not isinstance(model, Network) else res.net
@@ -298,7 +300,7 @@ def export(model: nn.Module, path: str | os.PathLike | None, form: str = "portab
         if example_input is None:
             raise ToolchainError(f"exporting a {type(model).__name__} needs example_input= (a batch it accepts)")
         net = from_module(model, example_input)
-    meta = {METADATA_PRODUCER: json.dumps({"name": "toolchain", "version": __version__})}
+    meta = {}  # the producer is in the file's own producer_name / producer_version fields
     if result is not None:
         meta.update(result.metadata())
     meta.update(metadata or {})
@@ -384,7 +386,7 @@ def evaluate(model, data=None, *, dataset: str | None = None, threads: int | Non
             data = (d.test_x, d.test_y)
         example = _first_batch((data[0], data[1]))
         if not isinstance(model, Network):
-            example = _fit_example(model, example.float(), None)
+            example = _fit_example(model, example.float())
         x, y = _arrays_for(data[0], data[1], tuple(example.shape[1:]) if not isinstance(model, Network) else
                            tuple(d if isinstance(d, int) else 1 for d in model.input_shapes[model.input_names[0]][1:]))
         return torch_evaluate(model, x[:limit] if limit else x, y[:limit] if limit else y, progress=progress)
@@ -448,19 +450,22 @@ def import_caffe(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | No
 def set_metadata(path: str | os.PathLike, *, recipe: str | None = None, baseline: str | os.PathLike | None = None,
                  test_error: float | None = None) -> dict[str, str]:
     """Write the toolchain's records into an existing ONNX file (atomically; the graph is untouched):
-    the producer, the recipe text that made it, its measured test error and the dense `baseline`'s
+    the producer (producer_name / producer_version, where the file names none), the recipe that made it (its compact JSON, or a
+    reference to its file), its measured test error and the dense `baseline`'s
     measurement (what `info` and `toolchain export` report against). Returns the file's metadata."""
     from converters import atomic_write_bytes
 
     model = read_onnx(path)
-    records = {METADATA_PRODUCER: json.dumps({"name": "toolchain", "version": __version__})}
+    if not model.producer_name:  # a file another exporter wrote (torch.onnx for the zoo's dense files) keeps its producer
+        model.producer_name, model.producer_version = "toolchain", __version__
+    records = {}
     if recipe is not None:
         records[METADATA_RECIPE] = recipe
     if test_error is not None:
         records[METADATA_ERROR] = f"{test_error:.6f}"
     if baseline is not None:
         records[METADATA_ORIGINAL] = original_record((lambda i: (i.layers, i.totals))(info(baseline)))
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = {p.key: p.value for p in model.metadata_props if p.key != "ai.toolchain.producer"}  # now producer_name
     meta.update(records)
     del model.metadata_props[:]
     for key, value in sorted(meta.items()):

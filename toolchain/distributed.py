@@ -1,13 +1,25 @@
-"""Data-parallel helpers over torch.distributed (launch with torchrun; see docs/scaling.md).
+"""Devices and data-parallel helpers over torch.distributed (launch with torchrun; see docs/scaling.md).
 
-One process per device: `init_from_env()` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK and
-joins the process group (NCCL on CUDA when GPUs are present, gloo on CPU otherwise). Without
-those variables it does nothing, and every helper here degrades to the single-process case
-(rank 0 of 1, collectives are no-ops), so the same code runs with or without torchrun.
+Where things run (issue 16):
+  * `resolve_device("cpu" | "cuda" | "cuda:N" | "auto")` picks the one device a process trains on,
+    and rejects what cannot work (no GPU, a GPU index the machine lacks, more torchrun processes on a
+    node than GPUs) with a ToolchainError before any work. Under torchrun, "cuda" / "auto" mean
+    cuda:LOCAL_RANK: one GPU per process.
+  * The network, its masks / hash tables / factors, and the optimiser state live on that device
+    for the whole run (toolchain.driver moves the network there once; a checkpoint is read to the
+    CPU and moved there, so it resumes on either kind of device and any process count).
+  * `init_from_env()` joins the process group torchrun describes with the backend for that device
+    (`backend_for`): "gloo" for CPU processes; "cpu:gloo,cuda:nccl" for GPU processes, so every
+    collective runs on the device its tensors live on: NCCL for the GPU-resident weights, buffers
+    and gradients, gloo for host-side ones (barriers, object collectives, anything left on the CPU).
+
+Without torchrun's variables `init_from_env()` does nothing, and every helper here degrades to the
+single-process case (rank 0 of 1, collectives are no-ops), so the same code runs with or without torchrun.
 """
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 
 import torch
@@ -18,41 +30,110 @@ from .errors import ToolchainError
 
 _device: torch.device | None = None
 
+DEVICE_CHOICES = "cpu, cuda, cuda:N or auto"
 
-def init_from_env(backend: str | None = None, timeout_s: float = 1800) -> bool:
+
+def _torchrun_env() -> dict[str, int] | None:
+    """torchrun's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE as integers, or None when not launched by it."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        world = int(os.environ["WORLD_SIZE"])
+        return {"rank": int(os.environ["RANK"]), "world": world, "local": int(os.environ.get("LOCAL_RANK", "0")),
+                "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))}
+    except ValueError:
+        raise ToolchainError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers") from None
+
+
+def _gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """The device this process trains on, from "cpu", "cuda", "cuda:N", "auto" (None = "auto").
+
+    "auto" is the GPU when there is one, else the CPU. Under torchrun, "cuda" and "auto" (on a
+    machine with GPUs) give cuda:LOCAL_RANK and need as many GPUs as processes on the node. Raises
+    ToolchainError, without touching any GPU, for a malformed value, "cuda" without a GPU, an index
+    the machine does not have, or more torchrun processes on a node than GPUs.
+    """
+    if spec is None:
+        spec = "auto"
+    text = str(spec).strip().lower()
+    m = re.fullmatch(r"(cpu|cuda|auto)(?::(\d+))?", text)
+    if not m or (m.group(2) is not None and m.group(1) != "cuda"):
+        raise ToolchainError(f"device {str(spec)!r} is not one of {DEVICE_CHOICES}")
+    kind, index = m.group(1), (int(m.group(2)) if m.group(2) is not None else None)
+    if kind == "cpu":
+        return torch.device("cpu")
+    n_gpu = _gpu_count()
+    if kind == "auto":
+        if n_gpu == 0:
+            return torch.device("cpu")
+    elif n_gpu == 0:
+        raise ToolchainError(f"device {text!r}: no CUDA GPU is available (torch.cuda.is_available() is False"
+                             f"{'' if torch.version.cuda else '; this torch build has no CUDA'}); "
+                             "use --device cpu or auto")
+    env = _torchrun_env()
+    if env is None:
+        index = 0 if index is None else index
+        if index >= n_gpu:
+            raise ToolchainError(f"device {text!r}: this machine has {n_gpu} GPU(s) (cuda:0"
+                                 f"{f' to cuda:{n_gpu - 1}' if n_gpu > 1 else ''})")
+        return torch.device("cuda", index)
+    if index is not None:
+        raise ToolchainError(f"device {text!r}: under torchrun each process uses the GPU cuda:LOCAL_RANK; "
+                             "pass --device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)")
+    if env["local_world"] > n_gpu or env["local"] >= n_gpu:
+        raise ToolchainError(f"torchrun started {max(env['local_world'], env['local'] + 1)} processes on this node "
+                             f"but it has {n_gpu} GPU(s); use --nproc-per-node {n_gpu} or fewer, "
+                             "or --device cpu for CPU processes")
+    return torch.device("cuda", env["local"])
+
+
+def backend_for(devices) -> str:
+    """The torch.distributed backend string for processes computing on `devices` (device kinds or names).
+
+    CPU only: "gloo". Any GPU: "cpu:gloo,cuda:nccl", one process group with NCCL for CUDA tensors
+    and gloo for CPU tensors, so a collective runs wherever its tensors are.
+    """
+    if isinstance(devices, (str, torch.device)):
+        devices = [devices]
+    kinds = {torch.device(d).type for d in devices}
+    if not kinds:
+        raise ValueError("no devices given")
+    unknown = kinds - {"cpu", "cuda"}
+    if unknown:
+        raise ToolchainError(f"no distributed backend for device type {sorted(unknown)[0]!r} (cpu, cuda)")
+    return "cpu:gloo,cuda:nccl" if "cuda" in kinds else "gloo"
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 1800, device: str | torch.device | None = "auto") -> bool:
     """Join the process group torchrun describes; returns True when running distributed.
 
     A no-op returning False when the process was not launched by torchrun (no RANK / WORLD_SIZE).
-    `backend` defaults to "nccl" when CUDA is available, else "gloo" (CPU).
+    `device` ("auto", "cpu", "cuda", or one already resolved) sets this process's device (see
+    resolve_device) and, unless `backend` is given, the backend (see backend_for).
     """
     global _device
     if dist.is_available() and dist.is_initialized():
         return True
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    env = _torchrun_env()
+    if env is None:
         return False
     if not dist.is_available():
         raise ToolchainError("this torch build has no torch.distributed support")
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ToolchainError(f"RANK/WORLD_SIZE are set but {' and '.join(missing)} are not; launch with torchrun")
-    try:
-        rank_, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError:
-        raise ToolchainError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
-    if not (0 <= rank_ < world):
-        raise ToolchainError(f"RANK {rank_} is outside WORLD_SIZE {world}")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
-        n_gpu = torch.cuda.device_count()
-        if local >= n_gpu:
-            raise ToolchainError(f"LOCAL_RANK {local} but this node has {n_gpu} GPU(s); "
-                                 f"use --nproc-per-node {n_gpu} or fewer")
-        torch.cuda.set_device(local)
-        _device = torch.device("cuda", local)
-    else:
-        _device = torch.device("cpu")
+    if not (0 <= env["rank"] < env["world"]):
+        raise ToolchainError(f"RANK {env['rank']} is outside WORLD_SIZE {env['world']}")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    backend = backend or backend_for([dev])
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    _device = dev
     return True
 
 
@@ -78,12 +159,12 @@ def is_main() -> bool:
 
 
 def device() -> torch.device:
-    """This process's training device: its GPU under NCCL, else the CPU."""
+    """This process's training device under torchrun (set by init_from_env), else the CPU."""
     if not is_distributed():
         return torch.device("cpu")
     if _device is not None:
         return _device
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in dist.get_backend() else torch.device("cpu")
 
 
 def barrier() -> None:
@@ -107,13 +188,16 @@ def shard_bounds(n: int, world: int | None = None, rank_: int | None = None) -> 
 
 
 def all_reduce_sum(values):
-    """Sum numbers (a list or scalar) or a tensor over all ranks; returns the same kind it was given."""
+    """Sum numbers (a list or scalar) or a tensor over all ranks; returns the same kind it was given.
+
+    A tensor is summed on the device it lives on (a new tensor; the argument is left as it was).
+    """
     if isinstance(values, torch.Tensor):
         if not is_distributed():
             return values
-        t = values.to(device())
+        t = values.clone()
         dist.all_reduce(t)
-        return t.to(values.device)
+        return t
     scalar = not isinstance(values, (list, tuple))
     t = torch.tensor([values] if scalar else list(values), dtype=torch.float64)
     if is_distributed():
@@ -125,7 +209,10 @@ def all_reduce_sum(values):
 
 
 def broadcast_module_buffers(module: nn.Module, src: int = 0) -> None:
-    """Copy every buffer (pruning masks, hash indices, running statistics) from rank `src` to all ranks."""
+    """Copy every buffer (pruning masks, hash indices, running statistics) from rank `src` to all ranks.
+
+    Each tensor is broadcast on the device it lives on (NCCL for GPU tensors, gloo for CPU ones).
+    """
     if is_distributed():
         for b in module.buffers():
             dist.broadcast(b.data, src)

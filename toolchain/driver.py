@@ -7,6 +7,13 @@ seeded from (recipe seed, stage, round), so a resumed run ends exactly where an 
 Under torchrun (toolchain.distributed.init_from_env()) every process runs the driver: passes are
 applied identically on every rank, then rank 0's weights and masks are broadcast; retraining is
 data-parallel; only rank 0 writes the checkpoint.
+
+Devices: the network lives on the run device (`device=`, or the rank's GPU under torchrun) from the
+start to the end of the run: retraining, evaluation, the cross-rank checks and broadcasts all run
+there. A pass's apply()/finish() is host code (thresholds, SVD, numpy hash tables, layer surgery),
+so it runs on the network moved to the CPU and the network goes back to the device right after
+(milliseconds, a few times per run). Checkpoints are read to the CPU (`load_checkpoint`), so a run
+checkpointed on a GPU resumes on a CPU and the other way round.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from . import distributed as dist_
 from .errors import DataError
 from converters.fileio import atomic_path
 from .recipe import Recipe
-from .train import evaluate, train
+from .train import _param_device, _run_device, evaluate, train
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +120,12 @@ def round_seed(seed: int, stage: int, rnd: int) -> int:
     return int(np.random.default_rng([seed, stage, rnd]).integers(2**31))
 
 
-def load_training_data(recipe: Recipe, data_dir=None, input_shape=None, num_workers: int | None = None):
+def load_training_data(recipe: Recipe, data_dir=None, input_shape=None, num_workers: int | None = None,
+                       device=None):
     """(train_x, train_y, test_x, test_y): arrays for MNIST; for ImageNet, data sources with y = None.
 
     ImageNet reads DIR/train and DIR/val (a folder per class, or train.txt / val.txt file lists);
-    `input_shape` (e.g. [N, 3, 227, 227]) gives the crop size.
+    `input_shape` (e.g. [N, 3, 227, 227]) gives the crop size; a CUDA `device` pins the loaders' batches.
     """
     if recipe.dataset == "mnist":
         from .data import load_mnist
@@ -130,25 +138,31 @@ def load_training_data(recipe: Recipe, data_dir=None, input_shape=None, num_work
         raise DataError("ImageNet retraining needs --data DIR holding train/ and val/ (a folder per class; "
                         "see docs/scaling.md)")
     crop = crop_size(input_shape) if input_shape is not None else 227
-    train_src = open_imagenet(data_dir, crop, train=True, split="train", require_split=True, num_workers=num_workers)
-    val_src = open_imagenet(data_dir, crop, train=False, split="val", require_split=True, num_workers=num_workers)
+    pin = None if device is None else torch.device(device).type == "cuda"
+    train_src = open_imagenet(data_dir, crop, train=True, split="train", require_split=True, num_workers=num_workers,
+                              pin_memory=pin)
+    val_src = open_imagenet(data_dir, crop, train=False, split="val", require_split=True, num_workers=num_workers,
+                            pin_memory=pin)
     return train_src, None, val_src, None
 
 
 def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = None, resume: bool = False,
                      progress: bool = True, teacher=None, model: torch.nn.Module | None = None,
-                     make_optimizer=None, loss_fn=None) -> CompressResult:
+                     make_optimizer=None, loss_fn=None, device=None) -> CompressResult:
     """Run every stage of `recipe` on the network `net` (modified in place).
 
     `model` is the module trained and evaluated, when `net` is the Network traced from it
     (converters.torch_import: they share their layers); by default `net` itself.
     `make_optimizer` / `loss_fn` replace the default SGD and cross-entropy (see toolchain.train.train).
+    `device`: "cpu", "cuda", "cuda:N", "auto" or a torch.device (default: the rank's device under
+    torchrun, else where the model is). The network is returned on the device it came on.
     """
     model = net if model is None else model
     from .accuracy import validate_for_data
 
     data = validate_for_data(net, data, recipe.dataset)  # samples shaped for the model, or a DataError now
     train_x, train_y, test_x, test_y = data if data is not None else (None,) * 4
+    home, dev = _param_device(model), _run_device(model, device)
     # Resolve every stage's layers up front, so a bad layer name fails before any training.
     passes = [stage.make_pass(net) for stage in recipe.stages]
     done = (-1, -1)  # last finished (stage, round); round == rounds means finish() ran
@@ -156,7 +170,9 @@ def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = 
     if resume and checkpoint and Path(checkpoint).exists():
         done, error_before = load_compress_checkpoint(checkpoint, net, model, passes, fingerprint)
         log.info("resuming after stage %d round %d", done[0] + 1, done[1] + 1)
+        _to(dev, net, model)
     else:
+        _to(dev, net, model)
         error_before = evaluate(model, test_x, test_y) if test_x is not None else None
     for si, (stage, p) in enumerate(zip(recipe.stages, passes)):
         for r in range(p.rounds + 1):  # the extra step is finish()
@@ -164,22 +180,38 @@ def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = 
                 continue
             if r < p.rounds:
                 torch.manual_seed(round_seed(recipe.seed, si, r))
-                p.apply(net, r)
+                _on_host(dev, net, model, p.apply, r)
                 dist_.sync_module_state(net, f"network after {p.name} stage {si + 1} round {r + 1}")
                 cfg = dataclasses.replace(stage.retrain_for(r, p.rounds), seed=round_seed(recipe.seed, si, r))
                 if cfg.epochs > 0 and train_x is not None:
                     hooks = p.hooks(net)
                     if teacher is not None and hooks.teacher is None and cfg.distill_temperature > 0:
                         hooks.teacher = teacher
-                    train(model, train_x, train_y, cfg, hooks,
+                    train(model, train_x, train_y, cfg, hooks, device=dev,
                           desc=f"{p.name} stage {si + 1} round {r + 1}/{p.rounds}", progress=progress,
                           make_optimizer=make_optimizer, loss_fn=loss_fn)
             else:
-                p.finish(net)
+                _on_host(dev, net, model, p.finish)
             dist_.sync_module_state(net, f"network after {p.name} stage {si + 1} "
                                          f"{'finish' if r == p.rounds else f'round {r + 1}'}")
             if checkpoint and dist_.is_main():
                 save_compress_checkpoint(checkpoint, net, model, passes, (si, r), error_before, fingerprint)
     error_after = evaluate(model, test_x, test_y) if test_x is not None else None
+    _to(home, net, model)
     lines = [line for p in passes for line in p.summary(net)]
     return CompressResult(net, error_before, error_after, lines)
+
+
+def _to(dev, net, model) -> None:
+    net.to(dev)
+    if model is not net:  # the user's module: its layers are net's, but it may hold more
+        model.to(dev)
+
+
+def _on_host(dev: torch.device, net, model, fn, *args) -> None:
+    """Run a pass's host-side step `fn(net, *args)` with the network on the CPU, then put it back on `dev`
+    (with any layer the step created)."""
+    if dev.type != "cpu":
+        _to("cpu", net, model)
+    fn(net, *args)
+    _to(dev, net, model)

@@ -104,9 +104,23 @@ def _evaluate_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.n
     return out
 
 
+# Our custom layer ops: how many inputs after X hold the weight, and which input is the bias.
+CUSTOM_LAYERS = {"SparseLinear": (3, 4), "SparseConv": (3, 4), "SparseLinearCodebook": (4, 5), "SparseLinearInt8": (4, 5)}
+
+
 def _custom_weight(node: onnx.NodeProto, values: dict[str, np.ndarray]):
-    """(dense weight shape, nnz) for our custom sparse/hashed ops."""
+    """(dense weight shape, nnz) for our custom sparse ops (fp32 CSR and the packed formats)."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type in ("SparseLinearCodebook", "SparseLinearInt8"):
+        from .kernels import packed as pk
+
+        a = [values[i] for i in node.input[1:5]]
+        k = int(attrs["in_features"])
+        if node.op_type == "SparseLinearCodebook":
+            w = pk.decode_codebook(pk.PackedCodebook(*a, bits=int(attrs["bits"]), in_features=k, fillers=0))
+        else:
+            w = pk.decode_int8(pk.PackedInt8(a[0], a[1], a[2], a[3], in_features=k, fillers=0))
+        return w.shape, int(np.count_nonzero(w))
     if node.op_type in ("SparseLinear", "SparseConv"):
         vals, row_ptr = values[node.input[1]], values[node.input[3]]
         rows = len(row_ptr) - 1
@@ -134,15 +148,16 @@ def measure(src: str | os.PathLike | onnx.ModelProto) -> tuple[list[LayerStats],
             w = n.input[LAYER_OPS[key]]
             if w in const:  # a MatMul of two activations is not a layer
                 layer_nodes.append((n, w))
-        elif n.domain == CUSTOM_DOMAIN and n.op_type in ("SparseLinear", "SparseConv"):
+        elif n.domain == CUSTOM_DOMAIN and n.op_type in CUSTOM_LAYERS:
             layer_nodes.append((n, None))
 
     # Shapes of every layer's output at batch 1, and the constant inputs we need.
     want_consts = []
     for n, w in layer_nodes:
-        want_consts += [w] if w else [i for i in n.input[1:4] if i]
-        if n.op_type in ("Conv", "Gemm", "SparseConv", "SparseLinear") and len(n.input) > (2 if w else 4):
-            want_consts.append(n.input[2 if w else 4])
+        n_weight, bias_at = CUSTOM_LAYERS.get(n.op_type, (0, 2)) if not w else (0, 2)
+        want_consts += [w] if w else [i for i in n.input[1:1 + n_weight] if i]
+        if n.op_type in ("Conv", "Gemm", *CUSTOM_LAYERS) and len(n.input) > bias_at and n.input[bias_at]:
+            want_consts.append(n.input[bias_at])
     values = _evaluate_values(model, [v for v in dict.fromkeys(want_consts) if v])
     out_shapes = _output_shapes(model, [n.output[0] for n, _ in layer_nodes])
 
@@ -159,13 +174,14 @@ def measure(src: str | os.PathLike | onnx.ModelProto) -> tuple[list[LayerStats],
             bias = n.input[2] if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[2] else None
         else:
             shape, nnz_w = _custom_weight(n, values)
-            bias = n.input[4] if len(n.input) > 4 and n.input[4] else None
+            n_weight, bias_at = CUSTOM_LAYERS[n.op_type]
+            bias = n.input[bias_at] if len(n.input) > bias_at and n.input[bias_at] else None
         b = values.get(bias) if bias else None
         n_w = int(np.prod(shape))
         n_b = 0 if b is None else int(b.size)
         nnz_b = 0 if b is None else int(np.count_nonzero(b))
         roots = set()
-        for v in ([w] if w else list(n.input[1:4])) + ([bias] if bias else []):
+        for v in ([w] if w else list(n.input[1:1 + CUSTOM_LAYERS[n.op_type][0]])) + ([bias] if bias else []):
             roots |= _ancestor_initializers(v, producer, init_names)
         out = out_shapes.get(n.output[0])
         positions = int(np.prod(out[2:])) if (out is not None and n.op_type in ("Conv", "SparseConv", "ConvTranspose")) else 1

@@ -15,6 +15,7 @@
     epochs = 2
     lr = 0.001
     clip_grad_norm = 5.0      # optional: rescale larger gradients to this L2 norm (Caffe's clip_gradients)
+    precision = "bf16"        # optional: "fp32" (default) or "bf16" (autocast: matmuls/convs in bfloat16)
     [stage.retrain_final]     # optional: overrides for the last round's retraining
     epochs = 10
 

@@ -14,8 +14,12 @@ from .train import evaluate
 DEFAULT_DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01)
 
 
-def sensitivity(net, test_x, test_y, densities=DEFAULT_DENSITIES, layers=None, progress=True):
-    """layer -> [(density, error)] and the dense error."""
+def sensitivity(net, test_x, test_y, densities=DEFAULT_DENSITIES, layers=None, progress=True, device=None):
+    """layer -> [(density, error)] and the dense error; evaluated on `device` (default: where `net` is)."""
+    from .train import _param_device, _run_device
+
+    home, dev = _param_device(net), _run_device(net, device)
+    net.to(dev)
     from .accuracy import fit_network_input
 
     test_x = fit_network_input(net, test_x, "test")  # e.g. an MLP on [N, 784] fed [N, 1, 28, 28]
@@ -27,13 +31,14 @@ def sensitivity(net, test_x, test_y, densities=DEFAULT_DENSITIES, layers=None, p
         results[name] = []
         for d in densities:
             trial = copy.deepcopy(net)
-            layer = masked_from_dense(trial.layers()[name])
+            layer = masked_from_dense(trial.layers()[name]).to(dev)
             with torch.no_grad():
                 layer.prune_(density_keep(layer.weight, layer.mask, d))
             trial.replace_layer(name, layer)
             results[name].append((d, evaluate(trial, test_x, test_y)))
             bar.update(1)
     bar.close()
+    net.to(home)
     return results, base
 
 

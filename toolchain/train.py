@@ -12,6 +12,13 @@ Under torchrun (after toolchain.distributed.init_from_env()) the same loop runs 
 seeded per-epoch permutation, DistributedDataParallel averages the gradients (the loss is scaled so
 the update equals the single-process one), only rank 0 writes checkpoints and shows progress, and
 the step counter is in global batches, so a checkpoint resumes on any number of processes.
+
+Device and precision: `train(..., device=)` trains on that device ("cpu", "cuda", "cuda:N", "auto";
+default: the rank's device under torchrun, else where the model is); checkpoints are read to the CPU
+first, so one written on a GPU resumes on a CPU and the other way round. `precision = "bf16"` runs
+the forward and loss under torch.autocast (bfloat16 on CUDA and on CPU): only the matmuls and
+convolutions compute in bf16; weights, gradients, optimiser state, masks, hash indices and
+dictionaries stay exact (fp32 / bool / int64), and no loss scaling is needed for bf16.
 """
 from __future__ import annotations
 
@@ -32,6 +39,9 @@ from .errors import DataError, ToolchainError, TrainingDiverged
 from converters.fileio import atomic_path
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     epochs: float = 10  # may be fractional (e.g. 0.5 epoch of retraining)
@@ -46,12 +56,15 @@ class TrainConfig:
     distill_temperature: float = 0.0  # >0: train on a teacher's soft targets too
     distill_weight: float = 0.0  # weight of the soft-target loss (1 - weight on the hard labels)
     clip_grad_norm: float = 0.0  # >0: rescale the gradient to at most this L2 norm (Caffe's clip_gradients)
+    precision: str = "fp32"  # "fp32", or "bf16": forward + loss under torch.autocast(bfloat16)
 
     def __post_init__(self):
         if self.lr_policy not in ("cosine", "step", "fixed", "inv"):
             raise ValueError(f"unknown lr_policy {self.lr_policy!r}")
         if self.clip_grad_norm < 0:
             raise ValueError(f"clip_grad_norm must be >= 0 (0 = off), not {self.clip_grad_norm}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, not {self.precision!r}")
 
 
 @dataclass
@@ -122,13 +135,35 @@ def _param_device(module: nn.Module) -> torch.device:
     return next(module.parameters(), torch.empty(0)).device
 
 
-def _run_device(model: nn.Module) -> torch.device:
-    """Where to compute: this rank's device under torchrun, else wherever the model already is."""
+def _run_device(model: nn.Module, device=None) -> torch.device:
+    """Where to compute: `device` if given (see distributed.resolve_device), else this rank's device under
+    torchrun, else wherever the model already is."""
+    if device is not None:
+        resolved = isinstance(device, torch.device) and (device.type == "cpu" or device.index is not None)
+        dev = device if resolved else dist_.resolve_device(device)
+        if dist_.is_distributed() and dev != dist_.device():
+            raise ToolchainError(f"device {dev} is not this process's device {dist_.device()} (set by init_from_env)")
+        return dev
     return dist_.device() if dist_.is_distributed() else _param_device(model)
 
 
+def autocast(cfg: TrainConfig, dev: torch.device):
+    """The autocast context of `cfg.precision` on `dev` (a disabled one for fp32)."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint read with every tensor on the CPU, wherever it was written (CPU or any GPU); callers
+    move what they need to their device (load_state_dict copies across devices). Tensors and plain data only
+    (torch.load(weights_only=True): nothing is unpickled); a corrupt file is one CheckpointError."""
+    from .checkpoint import load_checkpoint as load_safely
+
+    return load_safely(path, "training checkpoint")
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x, y: np.ndarray | None = None, batch_size: int = 1000, progress: bool = False) -> float:
+def evaluate(model: nn.Module, x, y: np.ndarray | None = None, batch_size: int = 1000, progress: bool = False,
+             device=None) -> float:
     """Top-1 error (fraction) of a PyTorch model on arrays (x, y) or a data source (x, y=None).
 
     Distributed: each rank scores its contiguous share of the samples and the counts are summed.
@@ -139,13 +174,13 @@ def evaluate(model: nn.Module, x, y: np.ndarray | None = None, batch_size: int =
         raise DataError("no samples to evaluate on")
     lo, hi = dist_.shard_bounds(n)
     batches = [np.arange(i, min(i + batch_size, hi)) for i in range(lo, hi, batch_size)]
-    was_training, home, dev = model.training, _param_device(model), _run_device(model)
+    was_training, home, dev = model.training, _param_device(model), _run_device(model, device)
     model.eval().to(dev)
     wrong = 0
     try:
         for xb, yb in tqdm(source.load(batches), total=len(batches), desc="eval", leave=False,
                            disable=not (progress and dist_.is_main())):
-            out = model(xb.to(dev))
+            out = model(xb.to(dev, non_blocking=True))
             wrong += int((out.argmax(1).cpu() != yb).sum())
     finally:
         model.train(was_training).to(home)
@@ -167,12 +202,12 @@ def _batch_loss(net, xb, yb, n_global: int, world: int, cfg: TrainConfig, hooks:
     averages gradients over ranks: the update is the one a single process would make on the whole
     batch, however unevenly the batch is split.
     """
-    out = net(xb)
+    out = net(xb).float()  # under bf16 autocast the logits are bf16: the loss is taken in fp32
     loss = F.cross_entropy(out, yb, reduction="sum") if loss_fn is None else loss_fn(out, yb) * len(yb)
     if hooks.teacher is not None and cfg.distill_temperature > 0:
         t = cfg.distill_temperature
         with torch.no_grad():
-            soft = F.softmax(hooks.teacher(xb) / t, dim=1)
+            soft = F.softmax(hooks.teacher(xb).float() / t, dim=1)
         kd = F.kl_div(F.log_softmax(out / t, dim=1), soft, reduction="sum")
         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd * t**2
     return loss / n_global * world
@@ -190,11 +225,13 @@ def train(
     progress: bool = True,
     make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    device=None,
 ) -> nn.Module:
     """Train `model` in place with SGD; returns it. Resumes from `checkpoint` if asked and present.
 
     `train_x, train_y` are arrays, or `train_x` is a data source and `train_y` None. The model is
-    trained on this rank's device (its GPU under torchrun with NCCL) and returned where it was.
+    trained on `device` (default: this rank's device under torchrun, else where it is) and returned
+    where it was; pass the model already on its device to keep it there between calls.
     `make_optimizer(params)` replaces the Caffe-style SGD (cfg's lr schedule then scales the learning
     rates it was made with); `loss_fn(output, labels)`, a batch mean, replaces the cross-entropy.
     """
@@ -203,7 +240,7 @@ def train(
     world, rank = dist_.world_size(), dist_.rank()
     if cfg.batch_size < world:
         raise ToolchainError(f"batch_size {cfg.batch_size} is smaller than the {world} processes it is split over")
-    home, dev = _param_device(model), _run_device(model)
+    home, dev = _param_device(model), _run_device(model, device)
     model.to(dev)
     teacher_home = None
     if hooks.teacher is not None:
@@ -224,9 +261,7 @@ def train(
     step = 0
     aug_gen = torch.Generator().manual_seed(cfg.seed)
     if resume and checkpoint and Path(checkpoint).exists():
-        from .checkpoint import load_checkpoint  # tensors and plain data only (no unpickling of objects)
-
-        state = load_checkpoint(checkpoint, "training checkpoint")
+        state = load_checkpoint(checkpoint)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = state["step"]  # in global batches: independent of the number of processes
@@ -255,7 +290,8 @@ def train(
             scale = lr_at(cfg, step / total_steps, step) / cfg.lr if cfg.lr else 1.0
             for grp, base in zip(opt.param_groups, base_lrs):
                 grp["lr"] = base * scale
-            loss = _batch_loss(net, xb, yb, len(g), world, cfg, hooks, loss_fn)
+            with autocast(cfg, dev):
+                loss = _batch_loss(net, xb, yb, len(g), world, cfg, hooks, loss_fn)
             if cfg.l1:
                 loss = loss + cfg.l1 * sum(p.abs().sum() for n_, p in model.named_parameters() if n_.endswith("weight"))
             if hooks.regularizer is not None:

@@ -7,17 +7,79 @@ Han et al.'s densities without retraining (its own seeded init; built under --wo
 
     python tools/bench_models.py                       # batch 1,64; threads 1,2
     python tools/bench_models.py --models lenet-5 --batch 1 --threads 1
+    python tools/bench_models.py --deepsparse ~/ds --reps 3   # side by side with DeepSparse 1.8, 1 thread
+
+--deepsparse DS_VENV: stock onnxruntime on the dense original, the fast form, and DeepSparse 1.8 (its own
+venv, see /work/shared/peers/README.md) on the same pruned weights written densely with their zeros;
+each timing in its own process, the engines interleaved `--reps` times, medians; every engine's output
+is compared with the fast form's (DeepSparse 1.8 computes wrong results for some shapes).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-from toolchain.bench import format_timings, memory_bandwidth, time_model, weight_bytes
-from toolchain.cli import main as toolchain_main
-from toolchain import read_onnx
-from toolchain.zoo import MODELS_DIR
+import numpy as np
+
+
+def _worker(argv) -> int:
+    """One timing in this process (no toolchain import: also runs under DeepSparse's python)."""
+    p = argparse.ArgumentParser(prog="bench_models.py --worker")
+    p.add_argument("backend", choices=["ort", "ds"])
+    p.add_argument("model")
+    p.add_argument("batch", type=int)
+    p.add_argument("shape", help="one sample's input shape, comma-separated")
+    p.add_argument("--lib")
+    p.add_argument("--budget", type=float, default=2.0)
+    p.add_argument("--out", help="save the first output here (.npy)")
+    a = p.parse_args(argv)
+    x = np.random.default_rng(1).random((a.batch, *map(int, a.shape.split(",")))).astype(np.float32)
+    if a.backend == "ort":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = so.inter_op_num_threads = 1
+        if a.lib:
+            so.register_custom_ops_library(a.lib)
+        sess = ort.InferenceSession(a.model, so, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        fn = lambda: sess.run(None, {name: x})  # noqa: E731
+    else:
+        os.environ["NM_DISABLE_ANALYTICS"] = "1"
+        from deepsparse import Engine
+
+        engine = Engine(a.model, batch_size=a.batch, num_cores=1)
+        fn = lambda: engine.run([x])  # noqa: E731
+    out = fn()[0]
+    if a.out:
+        np.save(a.out, out)
+    for _ in range(3):
+        fn()
+    wall = []
+    end = time.perf_counter() + a.budget
+    while len(wall) < 10 or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        fn()
+        wall.append((time.perf_counter() - t0) * 1e3)
+    print(json.dumps({"ms": float(np.median(wall)), "runs": len(wall)}))
+    return 0
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+    sys.exit(_worker(sys.argv[2:]))
+
+import toolchain  # noqa: E402
+from toolchain import kernels, read_onnx  # noqa: E402
+from toolchain.bench import format_timings, memory_bandwidth, time_model, weight_bytes  # noqa: E402
+from toolchain.cli import main as toolchain_main  # noqa: E402
+from toolchain.methods.prune import MaskedConv2d, MaskedLinear  # noqa: E402
+from toolchain.zoo import MODELS_DIR  # noqa: E402
 
 
 def alexnet_files(work: Path) -> tuple[Path, Path, Path]:
@@ -42,6 +104,70 @@ def lenet_files(name: str, work: Path) -> tuple[Path, Path, Path] | None:
     return dense, portable, fast
 
 
+def dense_with_zeros(pruned: Path, out: Path) -> Path:
+    """The pruned model with plain dense layers holding its zeros (what DeepSparse reads)."""
+    import torch.nn as nn
+
+    net = toolchain.load(pruned)
+    for name, layer in net.layers().items():
+        if isinstance(layer, (MaskedLinear, MaskedConv2d)):
+            plain = nn.Linear(layer.in_features, layer.out_features) if isinstance(layer, MaskedLinear) else \
+                nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                          layer.dilation, layer.groups)
+            plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "mask"})
+            net.replace_layer(name, plain)
+    toolchain.export(net, out)
+    return out
+
+
+def sidebyside(args, names: list[str], work: Path) -> int:
+    """Dense onnxruntime vs fast form vs DeepSparse on the same pruned weights, interleaved, 1 thread."""
+    ds_python = Path(args.deepsparse).expanduser() / "bin" / "python"
+    if not ds_python.exists():
+        print(f"ERROR: {ds_python} not found; set up DeepSparse as /work/shared/peers/README.md says", file=sys.stderr)
+        return 2
+    lib = str(kernels.library_path())
+    batches = [int(x) for x in args.batch.split(",")]
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"- CPU: {cpu} ({os.cpu_count()} logical CPUs); 1 thread; {args.reps} interleaved repetitions, each timing "
+          f"in its own process ({args.seconds:g} s of runs, median), table: median over repetitions; load average at "
+          f"start {os.getloadavg()[0]:.1f}\n")
+    print("| model | batch | onnxruntime dense ms | fast form ms | DeepSparse ms | fast vs dense | fast vs DeepSparse "
+          "| DeepSparse max rel. diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        files = alexnet_files(work) if name == "alexnet" else lenet_files(name, work)
+        if files is None:
+            continue
+        dense, portable, fast = files
+        zeros = dense_with_zeros(portable, work / f"{name}-pruned-dense-zeros.onnx")
+        shape = [d.dim_value for d in read_onnx(dense).graph.input[0].type.tensor_type.shape.dim][1:]
+        engines = {"dense": ("ort", dense, None), "fast": ("ort", fast, lib), "ds": ("ds", zeros, None)}
+        for b in batches:
+            times: dict[str, list[float]] = {k: [] for k in engines}
+            outs = {}
+            for rep in range(args.reps):
+                for key, (backend, path, with_lib) in engines.items():
+                    cmd = [str(ds_python) if backend == "ds" else sys.executable, os.path.abspath(__file__), "--worker",
+                           backend, str(path), str(b), ",".join(map(str, shape)), "--budget", str(args.seconds)]
+                    if with_lib:
+                        cmd += ["--lib", with_lib]
+                    if rep == 0:
+                        cmd += ["--out", str(work / f"out-{key}.npy")]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        print(f"ERROR: {name} {key} batch {b}: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                        return 1
+                    times[key].append(json.loads(proc.stdout.strip().splitlines()[-1])["ms"])
+                    if rep == 0:
+                        outs[key] = np.load(work / f"out-{key}.npy")
+            m = {k: statistics.median(v) for k, v in times.items()}
+            diff = float(np.abs(outs["ds"] - outs["fast"]).max() / max(np.abs(outs["fast"]).max(), 1e-12))
+            print(f"| {name} | {b} | {m['dense']:.3f} | {m['fast']:.3f} | {m['ds']:.3f} | {m['dense'] / m['fast']:.2f}x "
+                  f"| {m['ds'] / m['fast']:.2f}x | {diff:.1e} |", flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="lenet-300-100,lenet-5,alexnet")
@@ -49,9 +175,13 @@ def main() -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--seconds", type=float, default=2.0, help="minimum timing time per configuration")
     ap.add_argument("--work", default="out/bench-models")
+    ap.add_argument("--deepsparse", metavar="DS_VENV", help="side by side with DeepSparse 1.8 (its venv), 1 thread")
+    ap.add_argument("--reps", type=int, default=3, help="--deepsparse: interleaved repetitions (default 3)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.deepsparse:
+        return sidebyside(args, args.models.split(","), work)
     bw = memory_bandwidth()
     print(f"measured memory read bandwidth: {bw / 1e9:.1f} GB/s\n")
     for name in args.models.split(","):

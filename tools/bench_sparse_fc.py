@@ -8,26 +8,87 @@ this machine's measured read bandwidth).
 
     python tools/bench_sparse_fc.py [--runs 50] [--threads 1 2] [--batches 1 64]
     python tools/bench_sparse_fc.py --sweep [--runs 20]   # break-even density, one 4096x4096 layer
+    python tools/bench_sparse_fc.py --deepsparse ~/ds [--reps 5]   # side by side with DeepSparse 1.8
+
+--deepsparse DS_VENV: the fc stack at 90% sparsity in the fp32 fast form (every ISA path at batch 1), the
+packed fast forms (4-bit codebook, int8), stock onnxruntime on the dense-with-zeros weights, and DeepSparse
+(the venv set up as /work/shared/peers/README.md says) on the same weights -- for a packed format, its
+dequantized weights as a dense fp32 model with the zeros kept. Every timing runs in its own process, interleaved
+--reps times so machine noise hits all alike; one thread; medians. Each output is checked against a float64 numpy
+reference of the weights that backend was given (DeepSparse 1.8 computes wrong outputs for some shapes).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
 import numpy as np
-import onnx
-import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 
-from toolchain import kernels
-from toolchain.kernels import csr
-from toolchain.bench import memory_bandwidth
+
+def _worker(argv) -> int:
+    """One timing in this process (no toolchain import: also runs under DeepSparse's python)."""
+    p = argparse.ArgumentParser(prog="bench_sparse_fc.py --worker")
+    p.add_argument("backend", choices=["ort", "ds"])
+    p.add_argument("model")
+    p.add_argument("batch", type=int)
+    p.add_argument("--lib")
+    p.add_argument("--budget", type=float, default=2.0)
+    p.add_argument("--out", help="save the first output here (.npy)")
+    a = p.parse_args(argv)
+    x = np.random.default_rng(1).standard_normal((a.batch, LAYERS[0][1])).astype(np.float32)
+    clock = time.thread_time
+    if a.backend == "ort":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.inter_op_num_threads = 1
+        if a.lib:
+            so.register_custom_ops_library(a.lib)
+        sess = ort.InferenceSession(a.model, so, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        fn = lambda: sess.run(None, {name: x})  # noqa: E731
+    else:
+        os.environ["NM_DISABLE_ANALYTICS"] = "1"
+        from deepsparse import Engine
+
+        engine = Engine(a.model, batch_size=a.batch, num_cores=1)
+        fn = lambda: engine.run([x])  # noqa: E731
+        clock = time.process_time  # DeepSparse computes on its own thread
+    out = fn()[0]
+    if a.out:
+        np.save(a.out, out)
+    for _ in range(5):
+        fn()
+    wall, cpu = [], []
+    end = time.perf_counter() + a.budget
+    while len(wall) < 10 or time.perf_counter() < end:
+        c0, t0 = clock(), time.perf_counter()
+        fn()
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((clock() - c0) * 1e3)
+    print(json.dumps({"ms": float(np.median(wall)), "cpu_ms": float(np.median(cpu)), "runs": len(wall)}))
+    return 0
+
 
 LAYERS = [("fc6", 9216, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 1000)]
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+    sys.exit(_worker(sys.argv[2:]))
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from toolchain import kernels  # noqa: E402
+from toolchain.bench import memory_bandwidth  # noqa: E402
+from toolchain.kernels import csr, packed  # noqa: E402
 DENSITIES = {
     "90% sparse": {"fc6": 0.10, "fc7": 0.10, "fc8": 0.10},
     "Han et al. (9/9/25%)": {"fc6": 0.09, "fc7": 0.09, "fc8": 0.25},
@@ -168,6 +229,165 @@ def sweep(args) -> int:
     return 0
 
 
+def kmeans_codebook(values: np.ndarray, k: int = 16, iters: int = 20) -> np.ndarray:
+    """1-D k-means with linear initialisation (Han et al.'s weight sharing) over the kept weights."""
+    v = np.sort(values.astype(np.float64))
+    c = np.linspace(v[0], v[-1], k)
+    for _ in range(iters):
+        idx = np.searchsorted((c[1:] + c[:-1]) / 2, v)
+        cnt = np.bincount(idx, minlength=k)
+        c = np.where(cnt > 0, np.bincount(idx, weights=v, minlength=k) / np.maximum(cnt, 1), c)
+    return c.astype(np.float32)
+
+
+def packed_layers(weights, fmt: str) -> dict:
+    """name -> packed layout of each pruned layer (fmt: cb4 = 4-bit codebook, 16 k-means values; int8)."""
+    out = {}
+    for name, _, _ in LAYERS:
+        w = weights[name][0]
+        out[name] = (packed.encode_codebook(w, kmeans_codebook(w[w != 0]), 4) if fmt == "cb4"
+                     else packed.encode_int8(w))
+    return out
+
+
+def packed_model(layers: dict, weights) -> onnx.ModelProto:
+    nodes, inits, x = [], [], "X"
+    for i, (name, _, _) in enumerate(LAYERS):
+        y = "Y" if i == len(LAYERS) - 1 else f"{name}.out"
+        node, tensors = packed.packed_linear_node(x, y, layers[name], weights[name][1], name=name)
+        nodes.append(node)
+        inits += tensors
+        if i < len(LAYERS) - 1:
+            nodes.append(helper.make_node("Relu", [y], [f"{name}.relu"]))
+            y = f"{name}.relu"
+        x = y
+    return _graph(nodes, inits, "fc_packed")
+
+
+def reference(weights, x: np.ndarray) -> np.ndarray:
+    h = x.astype(np.float64)
+    for i, (name, _, _) in enumerate(LAYERS):
+        w, b = weights[name]
+        h = h @ w.astype(np.float64).T + b
+        if i < len(LAYERS) - 1:
+            h = np.maximum(h, 0)
+    return h
+
+
+def sidebyside(args) -> int:
+    from pathlib import Path
+
+    ds_python = Path(args.deepsparse).expanduser() / "bin" / "python"
+    if not ds_python.exists():
+        print(f"ERROR: {ds_python} not found; set up DeepSparse as /work/shared/peers/README.md says", file=sys.stderr)
+        return 2
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    lib = str(kernels.library_path())
+    base = make_weights()
+    fp32 = {name: (magnitude_prune(w, 0.10), b) for name, (w, b) in base.items()}
+    layers = {fmt: packed_layers(fp32, fmt) for fmt in ("cb4", "int8")}
+    given = {"fp32": fp32}  # the weights each backend computes with (packed: dequantized, zeros kept)
+    for fmt, lay in layers.items():
+        given[fmt] = {name: (packed.decode(lay[name]), fp32[name][1]) for name, _, _ in LAYERS}
+    files = {}
+    for fmt in ("fp32", "cb4", "int8"):
+        files[f"{fmt}_dense"] = work / f"{fmt}_dense.onnx"
+        files[f"{fmt}_fast"] = work / f"{fmt}_fast.onnx"
+        onnx.save(dense_model(given[fmt]), files[f"{fmt}_dense"])
+        onnx.save(sparse_model(fp32) if fmt == "fp32" else packed_model(layers[fmt], fp32), files[f"{fmt}_fast"])
+
+    isas = ["portable", "avx2", "avx512"]
+    # label, backend, model, weights, ISA, batches
+    configs = [("onnxruntime dense Gemm", "ort", "fp32_dense", "fp32", None, args.batches)]
+    configs += [(f"fast fp32 CSR [{isa}]", "ort", "fp32_fast", "fp32", isa, [1]) for isa in isas]
+    configs += [("fast fp32 CSR [auto]", "ort", "fp32_fast", "fp32", None, [b for b in args.batches if b != 1]),
+                ("fast codebook 4-bit [auto]", "ort", "cb4_fast", "cb4", None, args.batches),
+                ("fast int8 [auto]", "ort", "int8_fast", "int8", None, args.batches),
+                ("DeepSparse fp32", "ds", "fp32_dense", "fp32", None, args.batches),
+                ("DeepSparse codebook-4 dequantized", "ds", "cb4_dense", "cb4", None, args.batches),
+                ("DeepSparse int8 dequantized", "ds", "int8_dense", "int8", None, args.batches)]
+
+    print("# AlexNet fc6-fc8 (9216-4096-4096-1000) at 90% sparsity: side by side with DeepSparse\n")
+    print(f"- CPU: {_cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; DeepSparse from "
+          f"{args.deepsparse}; 1 thread; load average at start {os.getloadavg()[0]:.1f}")
+    bw = memory_bandwidth(int(args.bw_gib * 1024), 7)
+    print(f"- measured read bandwidth (numpy sum over {args.bw_gib:g} GiB, median of 7): {bw / 1e9:.1f} GB/s")
+    print(f"- {args.reps} interleaved repetitions, each timing in its own process ({args.budget:g} s of runs, median); "
+          "table: median over repetitions; CPU = the timing thread's CPU time (DeepSparse: its process's)\n")
+
+    times: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    errs: dict[tuple[str, int], float] = {}
+    for rep in range(args.reps):
+        for batch in args.batches:
+            for label, backend, model, wkey, isa, batches in configs:
+                if batch not in batches:
+                    continue
+                env = dict(os.environ)
+                env.pop("TOOLCHAIN_KERNELS_ISA", None)
+                if isa:
+                    env["TOOLCHAIN_KERNELS_ISA"] = isa
+                out = work / f"out_{abs(hash(label))}_{batch}.npy"
+                cmd = [str(ds_python) if backend == "ds" else sys.executable, os.path.abspath(__file__), "--worker",
+                       backend, str(files[model]), str(batch), "--budget", str(args.budget)]
+                if backend == "ort" and model.endswith("_fast"):
+                    cmd += ["--lib", lib]
+                if rep == 0:
+                    cmd += ["--out", str(out)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if proc.returncode != 0:
+                    print(f"ERROR: {label} batch {batch}: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                    return 1
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                times.setdefault((label, batch), []).append((r["ms"], r["cpu_ms"]))
+                if rep == 0:
+                    x = np.random.default_rng(1).standard_normal((batch, LAYERS[0][1])).astype(np.float32)
+                    ref = reference(given[wkey], x)
+                    y = np.load(out)
+                    errs[(label, batch)] = float(np.abs(y - ref).max() / np.abs(ref).max())
+                    out.unlink()
+        print(f"  (repetition {rep + 1}/{args.reps} done)", file=sys.stderr, flush=True)
+
+    def med(label, batch, i=0):
+        return statistics.median(t[i] for t in times[(label, batch)])
+
+    ds_same = {"fp32": "DeepSparse fp32", "cb4": "DeepSparse codebook-4 dequantized",
+               "int8": "DeepSparse int8 dequantized"}
+    print("| engine / form | weights | batch | wall ms | CPU ms | speedup vs DeepSparse, same weights (wall) "
+          "| vs DeepSparse fp32 (wall) | max rel. output error |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for batch in args.batches:
+        for label, backend, model, wkey, isa, batches in configs:
+            if batch not in batches:
+                continue
+            ms, cpu = med(label, batch), med(label, batch, 1)
+            same = med(ds_same[wkey], batch) / ms
+            vs32 = med("DeepSparse fp32", batch) / ms
+            print(f"| {label} | {wkey} | {batch} | {ms:.2f} | {cpu:.2f} | {same:.2f}x | {vs32:.2f}x "
+                  f"| {errs[(label, batch)]:.1e} |")
+
+    print("\nStorage (bytes of the weight tensors in the file; kept weight = non-zero of the pruned fp32 layer):\n")
+    print("| format | bytes | kept weights | bytes per kept weight | filler entries |")
+    print("|---|---:|---:|---:|---:|")
+    kept = sum(int(np.count_nonzero(fp32[n][0])) for n, _, _ in LAYERS)
+    csr_bytes = sparse_bytes(fp32)
+    print(f"| fp32 CSR (SparseLinear, uint16 col_idx) | {csr_bytes:,} | {kept:,} | {csr_bytes / kept:.2f} | 0 |")
+    for fmt, name in (("cb4", "codebook 4-bit (SparseLinearCodebook)"), ("int8", "int8 (SparseLinearInt8)")):
+        nb = sum(lay.nbytes() for lay in layers[fmt].values())
+        fill = sum(lay.fillers for lay in layers[fmt].values())
+        print(f"| {name} | {nb:,} | {kept:,} | {nb / kept:.2f} | {fill} |")
+
+    print("\nBatch-1 bandwidth floor of the fp32 fast form: its CSR bytes / the measured bandwidth.\n")
+    floor = csr_bytes / bw * 1e3
+    print("| ISA path | floor ms | wall ms | x floor | CPU ms | CPU x floor |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for isa in isas:
+        label = f"fast fp32 CSR [{isa}]"
+        ms, cpu = med(label, 1), med(label, 1, 1)
+        print(f"| {isa} | {floor:.2f} | {ms:.2f} | {ms / floor:.2f} | {cpu:.2f} | {cpu / floor:.2f} |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=50, help="timed runs per configuration (default 50)")
@@ -177,11 +397,17 @@ def main(argv=None) -> int:
     p.add_argument("--configs", nargs="+", default=list(DENSITIES), choices=list(DENSITIES))
     p.add_argument("--bw-gib", type=float, default=1.0, help="array size for the bandwidth measurement (GiB)")
     p.add_argument("--sweep", action="store_true", help="density sweep on one 4096x4096 layer instead")
+    p.add_argument("--deepsparse", metavar="DS_VENV", help="side by side with DeepSparse (its venv) instead")
+    p.add_argument("--reps", type=int, default=5, help="--deepsparse: interleaved repetitions (default 5)")
+    p.add_argument("--budget", type=float, default=2.0, help="--deepsparse: seconds of runs per timing (default 2)")
+    p.add_argument("--work", default="/tmp/bench-sbs", help="--deepsparse: folder for the model files")
     args = p.parse_args(argv)
 
     kernels.library_path()  # build before timing
     if args.sweep:
         return sweep(args)
+    if args.deepsparse:
+        return sidebyside(args)
     isa = os.environ.get("TOOLCHAIN_KERNELS_ISA", "auto")
     print(f"# SparseLinear vs dense Gemm: AlexNet fc6-fc8\n")
     print(f"- CPU: {_cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; "

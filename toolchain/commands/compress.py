@@ -26,8 +26,12 @@ def add_arguments(p):
     p.add_argument("--distributed", action="store_true",
                    help="expect to be launched by torchrun (one process per GPU, or per CPU share with gloo); "
                         "without this flag a torchrun launch is still detected")
+    p.add_argument("--device", default="auto", metavar="cpu|cuda|cuda:N|auto",
+                   help="where retraining runs (default auto: the GPU when there is one, else the CPU); "
+                        "under torchrun each process takes cuda:LOCAL_RANK")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="image decoding processes per training process (ImageNet; default: from the CPU count)")
+                   help="image decoding processes per training process (ImageNet; default: the usable cores "
+                        "split among the local processes, less one)")
     p.add_argument("--no-retrain", action="store_true",
                    help="apply the passes without retraining (e.g. AlexNet without ImageNet); with --data, "
                         "accuracy is still measured")
@@ -40,7 +44,8 @@ def run(args) -> int:
     import toolchain
     from toolchain import distributed as dist_
 
-    if not dist_.init_from_env() and args.distributed:
+    device = dist_.resolve_device(args.device)  # a bad --device fails here, before any work
+    if not dist_.init_from_env(device=device) and args.distributed:
         raise toolchain.ToolchainError("--distributed expects to be launched by torchrun: "
                                        "torchrun --nproc-per-node N -m toolchain compress ... --distributed")
     if args.threads:
@@ -51,7 +56,8 @@ def run(args) -> int:
     net = toolchain.load(args.model)
     ckpt = Path(args.checkpoint or f"{args.output}.ckpt")
     result = toolchain.compress(net, recipe, args.data, checkpoint=ckpt, resume=args.resume, retrain=not args.no_retrain,
-                                progress=not args.no_progress, baseline=args.model, workers=args.workers)
+                                progress=not args.no_progress, baseline=args.model, workers=args.workers,
+                                device=device)
     if not dist_.is_main():  # rank 0 exports, measures and reports
         dist_.cleanup()
         return 0

@@ -38,7 +38,7 @@ def run(args) -> int:
                 net.replace_layer(name, masked)
     # keep the records the input carries (recipe, error, original), under this file's producer
     keep = {p.key: p.value for p in source.metadata_props if p.key.startswith("ai.toolchain.")
-            and p.key not in ("ai.toolchain.producer", "ai.toolchain.pruned", "ai.toolchain.hashed")}
+            and p.key in ("ai.toolchain.recipe", "ai.toolchain.test_error", "ai.toolchain.original")}
     toolchain.export(net, args.output, form=args.form, metadata=keep)
     report = toolchain.info(args.output)
     if report.baseline is None:  # no recorded original: compare with the input file

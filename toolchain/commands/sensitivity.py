@@ -13,6 +13,8 @@ def add_arguments(p):
                    help="comma-separated densities in (0, 1] (default: 1,.5,.3,.2,.1,.05,.03,.02,.01)")
     p.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
     p.add_argument("-o", "--output", default="sensitivity.png", help="PNG plot to write (table goes to stdout)")
+    p.add_argument("--device", default="auto", metavar="cpu|cuda|cuda:N|auto",
+                   help="where to evaluate (default auto: the GPU when there is one, else the CPU)")
     p.add_argument("--data", metavar="DIR", default=None)
     p.add_argument("--no-progress", action="store_true")
 
@@ -20,9 +22,11 @@ def add_arguments(p):
 def run(args) -> int:
     from toolchain import ToolchainError, load
     from toolchain.data import load_mnist
+    from toolchain.distributed import resolve_device
     from toolchain.plots import sensitivity_plot
     from toolchain.sensitivity import DEFAULT_DENSITIES, format_sensitivity, sensitivity
 
+    device = resolve_device(args.device)  # a bad --device fails here, before any work
     densities = DEFAULT_DENSITIES
     if args.densities:
         try:
@@ -38,7 +42,8 @@ def run(args) -> int:
         if name not in net.layers():
             raise ToolchainError(f"layer {name!r} is not in the model (layers: {', '.join(net.layers())})")
     d = load_mnist(args.data)
-    results, base = sensitivity(net, d.test_x, d.test_y, densities, layers, progress=not args.no_progress)
+    results, base = sensitivity(net, d.test_x, d.test_y, densities, layers, progress=not args.no_progress,
+                                device=device)
     print(format_sensitivity(results, base))
     print(f"wrote {sensitivity_plot(results, Path(args.output), base)}")
     return 0

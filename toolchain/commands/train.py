@@ -17,6 +17,8 @@ def add_arguments(p):
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: OUTPUT.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--device", default="auto", metavar="cpu|cuda|cuda:N|auto",
+                   help="where to train (default auto: the GPU when there is one, else the CPU)")
     p.add_argument("--data", metavar="DIR", default=None)
     p.add_argument("--no-progress", action="store_true")
 
@@ -27,7 +29,10 @@ def run(args) -> int:
     from converters import torch_to_onnx
     from toolchain import ToolchainError, evaluate, fit
     from toolchain.data import load_mnist
+    from toolchain.distributed import resolve_device
     from toolchain.zoo import create_model, get_model_spec
+
+    device = resolve_device(args.device)  # a bad --device fails here, before any work
 
     spec = get_model_spec(args.model)
     if spec.dataset != "mnist":
@@ -46,9 +51,10 @@ def run(args) -> int:
     out = Path(args.output or spec.onnx_path)
     data = load_mnist(args.data)
     torch.manual_seed(int(table.get("seed", 0)))
-    model = create_model(args.model)
+    model = create_model(args.model).to(device)  # trained and evaluated where it is
     fit(model, (data.train_x, data.train_y), table, checkpoint=args.checkpoint or f"{out}.ckpt", resume=args.resume,
         progress=not args.no_progress, where=str(cfg_path))
+    model.cpu()  # evaluated and exported from the CPU
     err = evaluate(model, (data.test_x, data.test_y))
     torch_to_onnx(model.eval(), torch.zeros(1, *spec.input_shape), out)
     print(f"{args.model}: test error {100 * err:.2f}% -> wrote {out}")

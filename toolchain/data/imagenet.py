@@ -10,8 +10,16 @@ A file list may also be named directly.
 Preprocessing as Caffe's AlexNet: resize to 256x256, crop to the model's input size (227 or 224;
 random crop and mirror for training, centre crop for evaluation), BGR channel order, float32 pixels
 in [0, 1] (pixel / 255: the AlexNet graph multiplies by 255 and subtracts the mean pixel itself).
-Images are decoded with Pillow in DataLoader worker processes. Training crops are drawn from
+Images are decoded with Pillow in DataLoader worker processes (default: one per core this process may
+use, less one, shared among the local torchrun processes); batches go to page-locked (pinned) memory
+when training on a GPU, so the host-to-device copy is asynchronous. Training crops are drawn from
 (seed, epoch, image index), so they do not depend on the worker or the number of processes.
+
+Decoding is what bounds a fast GPU: a full-size ImageNet JPEG (about 400x350, some far larger)
+costs several times the decode of a 256x256 one, and the resize comes on top. Pre-resizing the data
+set once to 256x256 (what Caffe's `convert_imageset --resize_height 256 --resize_width 256` stores)
+gives the same training inputs (the resize here is then a no-op) at a fraction of the CPU cost;
+tools/throughput.py loader measures both.
 """
 from __future__ import annotations
 
@@ -126,18 +134,27 @@ def _collate(items):
     return torch.from_numpy(np.stack([x for x, _ in items])), torch.tensor([y for _, y in items], dtype=torch.int64)
 
 
+MAX_WORKERS = 32
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask: what a job scheduler or taskset granted)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers() -> int:
-    """Decoding processes per training process: the CPUs left after one per local rank, at most 8."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(8, per_rank - 1))
+    """Decoding processes per training process: its share of the usable cores (split among the local
+    torchrun processes) less one for the training process itself, at most MAX_WORKERS."""
+    per_rank = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(MAX_WORKERS, per_rank - 1))
 
 
 class ImageFolderSource:
     """A list of (image path, label) read through a DataLoader; a data source for toolchain.train."""
 
     def __init__(self, paths: list[str], labels, crop: int, train: bool, resize: int = RESIZE,
-                 num_workers: int | None = None, classes: list[str] | None = None, origin: str = ""):
+                 num_workers: int | None = None, classes: list[str] | None = None, origin: str = "",
+                 pin_memory: bool | None = None):
         if resize < crop:
             raise DataError(f"cannot crop {crop}x{crop} from images resized to {resize}x{resize}")
         self.paths = paths if isinstance(paths, PathTable) else PathTable(paths)
@@ -150,6 +167,8 @@ class ImageFolderSource:
             raise DataError(f"the number of data-loading workers must be >= 0, not {self.num_workers}")
         self.classes = classes
         self.origin = origin
+        # Page-locked batches for an asynchronous copy to the GPU; None: whenever CUDA is available.
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self._dataset = _ImageDataset(self.paths, self.labels, crop, train, resize)
 
     def __len__(self) -> int:
@@ -166,7 +185,7 @@ class ImageFolderSource:
             return
         loader = torch.utils.data.DataLoader(
             self._dataset, batch_sampler=keys, collate_fn=_collate, num_workers=min(self.num_workers, len(keys)),
-            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.num_workers else None)
+            pin_memory=self.pin_memory, prefetch_factor=2 if self.num_workers else None)
         for out in loader:
             if isinstance(out, _Unreadable):
                 raise DataError(out.message)
@@ -222,7 +241,8 @@ def read_file_list(list_path: Path, image_root: Path | None = None) -> tuple[lis
 
 
 def open_imagenet(path, crop: int, train: bool, split: str | None = None, require_split: bool = False,
-                  num_workers: int | None = None, resize: int = RESIZE) -> ImageFolderSource:
+                  num_workers: int | None = None, resize: int = RESIZE,
+                  pin_memory: bool | None = None) -> ImageFolderSource:
     """A data source for an ImageNet-style folder or file list (see the module docstring).
 
     With `split` ("train" / "val"), DIR/<split>.txt or DIR/<split>/ is used when present; otherwise
@@ -244,7 +264,7 @@ def open_imagenet(path, crop: int, train: bool, split: str | None = None, requir
         raise DataError(f"{path} has neither {split}/ (a folder per class) nor {split}.txt (a file list)")
     else:
         paths, labels, classes = scan_class_folders(path)
-    return ImageFolderSource(paths, labels, crop, train, resize, num_workers, classes, str(path))
+    return ImageFolderSource(paths, labels, crop, train, resize, num_workers, classes, str(path), pin_memory)
 
 
 def iterate_eval_batches(data_dir, input_shape, batch_size: int = 500, limit: int | None = None,

@@ -1,4 +1,5 @@
-"""Fast sparse inference in onnxruntime: a custom-op library with SparseLinear and SparseConv.
+"""Fast sparse inference in onnxruntime: a custom-op library with SparseLinear, SparseConv and the
+packed SparseLinearCodebook / SparseLinearInt8 (packed.py encodes those).
 
     import onnxruntime as ort
     from toolchain import kernels
@@ -7,7 +8,7 @@
     sess = ort.InferenceSession("model.onnx", so)
 
 The ops live in domain DOMAIN, version OPSET_VERSION; csr.py builds their nodes. See docs/kernels.md.
-Environment: TOOLCHAIN_KERNELS_ISA=auto|avx2|portable picks the kernels (read when a session is
+Environment: TOOLCHAIN_KERNELS_ISA=auto|avx512|avx2|portable picks the kernels (read when a session is
 created); TOOLCHAIN_KERNELS_CONV=auto|im2col|direct forces a SparseConv algorithm.
 """
 from __future__ import annotations

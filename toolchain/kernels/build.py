@@ -51,11 +51,12 @@ HEADERS_CACHE_NAME = "ort-headers-1.29"
 HEADER_FILE = "onnxruntime_c_api.h"
 
 COMMON_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-# Sources and their extra flags. Only kernels_avx2.cc gets AVX2/FMA code; it runs after a CPU check.
+# Sources and their extra flags. Only the ISA files get wider code; each runs after a CPU/OS check (ops.cc).
 SOURCES = {
     "ops.cc": [],
     "kernels_portable.cc": [],
     "kernels_avx2.cc": ["-mavx2", "-mfma"],
+    "kernels_avx512.cc": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
 }
 
 

@@ -1,4 +1,4 @@
-"""Compression methods, one folder each (prune/, lowrank/, hashed/): its layer types, its pass,
+"""Compression methods, one folder each (prune/, lowrank/, hashed/, quantize/): its layer types, its pass,
 its ONNX forms (export and import) and its kernels' Python side. This module holds the base class and
 the pass registry; importing it registers every built-in method (the list at the end: adding a method
 means adding its folder and its name there).
@@ -21,6 +21,6 @@ before any training starts (toolchain.recipe).
 from .base import PASSES, CompressionPass, NoOptions, available_passes, get_pass, register_pass
 
 # The built-in methods, imported for their registrations (passes, layer types, emitters, converters).
-from . import hashed, lowrank, prune  # noqa: E402,F401
+from . import hashed, lowrank, prune, quantize  # noqa: E402,F401
 
 __all__ = ["CompressionPass", "NoOptions", "PASSES", "register_pass", "get_pass", "available_passes"]

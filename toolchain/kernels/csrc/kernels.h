@@ -1,5 +1,6 @@
-// Sparse compute kernels shared by the onnxruntime ops (ops.cc) and the two ISA back ends
-// (kernels_portable.cc: plain C++; kernels_avx2.cc: AVX2+FMA intrinsics, compiled with -mavx2 -mfma).
+// Sparse compute kernels shared by the onnxruntime ops (ops.cc) and the three ISA back ends
+// (kernels_portable.cc: plain C++; kernels_avx2.cc: AVX2+FMA intrinsics, compiled with -mavx2 -mfma;
+// kernels_avx512.cc: AVX-512 F/BW/VL intrinsics, compiled with -mavx512f -mavx512bw -mavx512vl).
 //
 // This header holds only plain structs and declarations: the AVX2 translation unit must not
 // instantiate inline library code that the linker could merge into the portable path.
@@ -38,6 +39,29 @@ struct OffsetCsr {
   const float* val;
 };
 
+// Batch-1 layout of the compact formats (SparseLinearCodebook / SparseLinearInt8), rebuilt from the
+// file's delta-coded rows when the op is created: column blocks of block_cols columns (the x block
+// stays in L1, as for BlockedCsr), row-major segments. Segment (b, m) holds len[i] entries from
+// entry start[i], i = b*rows + m; entry e has column b*block_cols + idx[e] and value v(e):
+//   kind kCodebook4: table[(code[e/2] >> 4*(e&1)) & 15]   (start[i] is even: segments begin on a byte)
+//   kind kCodebook8: table[code[e]]
+//   kind kInt8:      static_cast<int8_t>(code[e]); each segment's sum is multiplied by scale[m].
+// idx/code are padded with 64 zero bytes past the last entry, so vector loads may run over.
+enum PackedKind { kCodebook4 = 0, kCodebook8 = 1, kInt8 = 2 };
+
+struct PackedRows {
+  int64_t rows;
+  int64_t block_cols;
+  int64_t nblocks;
+  int kind;
+  const int64_t* start;
+  const int32_t* len;
+  const uint16_t* idx;
+  const uint8_t* code;
+  const float* table;  // codebook: 16 (kCodebook4) or 256 (kCodebook8) entries, unused ones zero
+  const float* scale;  // kInt8: per-row scale
+};
+
 // Maximum lanes of one dense tile: 8 vectors of 8 floats.
 constexpr int kMaxTileVecs = 8;
 constexpr int kMaxTile = 8 * kMaxTileVecs;
@@ -63,9 +87,14 @@ struct KernelTable {
   // 8*nv lanes.
   void (*spmm_offsets)(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base, int nv,
                        const float* bias, float* out, int64_t ldo);
+
+  // y[m] = bias[m] + sum over blocks of (scale[m] *) sum_e v(e) x[col(e)], m in [m0, m1), blocks in
+  // order. bias may be null.
+  void (*spmv_packed)(const PackedRows& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y);
 };
 
 const KernelTable* portable_kernels();
 const KernelTable* avx2_kernels();
+const KernelTable* avx512_kernels();
 
 }  // namespace tcops

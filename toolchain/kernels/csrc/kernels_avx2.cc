@@ -216,7 +216,72 @@ void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t r
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + i] = src[i * lds + c];
 }
 
-const KernelTable kTable = {"avx2", spmv, spmm, transpose, spmm_offsets};
+// Weight values of the eight entries starting at e (e is even for kCodebook4).
+template <int KIND>
+inline __m256 values8(const PackedRows& w, int64_t e, __m256 t0, __m256 t1) {
+  if (KIND == kCodebook4) {
+    uint32_t c4;
+    memcpy(&c4, w.code + (e >> 1), 4);
+    const __m256i idx = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(c4)), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+        _mm256_set1_epi32(15));
+    // 16-entry table: two 8-entry permutes, bit 3 of the code picks one.
+    const __m256 lo = _mm256_permutevar8x32_ps(t0, idx), hi = _mm256_permutevar8x32_ps(t1, idx);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+  } else if (KIND == kCodebook8) {
+    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.code + e)));
+    return _mm256_i32gather_ps(w.table, idx, 4);
+  } else {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.code + e))));
+  }
+}
+
+template <int KIND>
+float value1(const PackedRows& w, int64_t e) {
+  if (KIND == kCodebook4) return w.table[(w.code[e >> 1] >> (4 * (e & 1))) & 15];
+  if (KIND == kCodebook8) return w.table[w.code[e]];
+  return static_cast<float>(static_cast<int8_t>(w.code[e]));
+}
+
+// Same structure as spmv: column-blocked segments, x gathered with scalar loads, 4 accumulators.
+template <int KIND>
+void spmv_packed_t(const PackedRows& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y) {
+  const __m256 t0 = KIND == kCodebook4 ? _mm256_loadu_ps(w.table) : _mm256_setzero_ps();
+  const __m256 t1 = KIND == kCodebook4 ? _mm256_loadu_ps(w.table + 8) : _mm256_setzero_ps();
+  const uint16_t* idx = w.idx;
+  for (int64_t b = 0; b < w.nblocks; ++b) {
+    const float* xb = x + b * w.block_cols;
+    for (int64_t m = m0; m < m1; ++m) {
+      const int64_t i = b * w.rows + m;
+      const int64_t e0 = w.start[i], e = e0 + w.len[i];
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      int64_t j = e0;
+      for (; j + 32 <= e; j += 32) {
+        a0 = _mm256_fmadd_ps(values8<KIND>(w, j, t0, t1), gather8(xb, idx + j), a0);
+        a1 = _mm256_fmadd_ps(values8<KIND>(w, j + 8, t0, t1), gather8(xb, idx + j + 8), a1);
+        a2 = _mm256_fmadd_ps(values8<KIND>(w, j + 16, t0, t1), gather8(xb, idx + j + 16), a2);
+        a3 = _mm256_fmadd_ps(values8<KIND>(w, j + 24, t0, t1), gather8(xb, idx + j + 24), a3);
+      }
+      for (; j + 8 <= e; j += 8) a0 = _mm256_fmadd_ps(values8<KIND>(w, j, t0, t1), gather8(xb, idx + j), a0);
+      float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      for (; j < e; ++j) s += value1<KIND>(w, j) * xb[idx[j]];
+      if (KIND == kInt8) s *= w.scale[m];
+      const float init = b == 0 ? (bias ? bias[m] : 0.f) : y[m];
+      y[m] = init + s;
+    }
+  }
+}
+
+void spmv_packed(const PackedRows& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y) {
+  switch (w.kind) {
+    case kCodebook4: return spmv_packed_t<kCodebook4>(w, m0, m1, x, bias, y);
+    case kCodebook8: return spmv_packed_t<kCodebook8>(w, m0, m1, x, bias, y);
+    default: return spmv_packed_t<kInt8>(w, m0, m1, x, bias, y);
+  }
+}
+
+const KernelTable kTable = {"avx2", spmv, spmm, transpose, spmm_offsets, spmv_packed};
 
 }  // namespace
 

@@ -1,4 +1,5 @@
-// onnxruntime custom-op library: SparseLinear and SparseConv (domain "ai.toolchain", version 1).
+// onnxruntime custom-op library: SparseLinear, SparseConv, and the packed SparseLinearCodebook /
+// SparseLinearInt8 (domain "ai.toolchain", version 1).
 //
 // The sparse weights are CSR initializers read once at kernel creation, validated (a corrupt model
 // must fail with a message, never crash or compute garbage) and repacked into column-blocked CSR
@@ -10,6 +11,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdarg>
 #include <memory>
@@ -22,6 +24,10 @@
 #include "kernels.h"
 #include "onnxruntime_c_api.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 namespace tcops {
 namespace {
 
@@ -33,6 +39,7 @@ constexpr int64_t kMinSubCols = 64;
 constexpr int64_t kLinearRowChunk = 256;  // rows per SparseLinear tile task (partial sums: 64 KiB)
 constexpr int64_t kMaxAttr = 1 << 16;  // bound on conv kernel/stride/pad/dilation (no overflow below)
 constexpr double kDirectMaxReuse = 12.0;  // SparseConv: direct below this output-channel reuse
+constexpr int64_t kFillerStep = 255;      // packed formats: a delta of 0 (filler) advances 255 columns
 
 const OrtApi* g_api = nullptr;
 
@@ -138,23 +145,78 @@ struct PooledBuf {
 // ---------------------------------------------------------------------------------------------
 // Kernel selection.
 
-bool cpu_has_avx2_fma() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+// What this CPU and OS support, detected once per process: cpuid feature bits, and xgetbv for
+// the register state the OS saves (YMM for AVX2; opmask + ZMM for AVX-512).
+struct CpuIsa {
+  bool avx2 = false;    // AVX2 + FMA + OS-enabled YMM state
+  bool avx512 = false;  // AVX-512 F/BW/VL + the above + OS-enabled opmask/ZMM state
+  bool vnni = false;    // AVX512-VNNI (reported; the fp32-activation kernels do not use it)
+};
+
+#if defined(__x86_64__) || defined(__i386__)
+uint64_t read_xcr0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (static_cast<uint64_t>(edx) << 32) | eax;
 }
 
+CpuIsa detect_isa() {
+  CpuIsa c;
+  unsigned a, b, cx, d;
+  if (!__get_cpuid(1, &a, &b, &cx, &d)) return c;
+  const bool osxsave = cx & (1u << 27), avx = cx & (1u << 28), fma = cx & (1u << 12);
+  if (!osxsave || !avx) return c;
+  const uint64_t xcr0 = read_xcr0();
+  const bool ymm_os = (xcr0 & 0x6) == 0x6;            // SSE + AVX state
+  const bool zmm_os = (xcr0 & 0xE6) == 0xE6;           // + opmask, ZMM_Hi256, Hi16_ZMM
+  if (__get_cpuid_max(0, nullptr) < 7) return c;
+  __cpuid_count(7, 0, a, b, cx, d);
+  const bool avx2 = b & (1u << 5);
+  const bool f = b & (1u << 16), bw = b & (1u << 30), vl = b & (1u << 31);
+  c.avx2 = ymm_os && avx2 && fma;
+  c.avx512 = c.avx2 && zmm_os && f && bw && vl;
+  c.vnni = c.avx512 && (cx & (1u << 11));
+  return c;
+}
+#else
+CpuIsa detect_isa() { return CpuIsa(); }
+#endif
+
+// Detected once; TOOLCHAIN_KERNELS_ISA_CAP=avx2|portable pretends the CPU has no more than that
+// (for testing the "forced path not supported" error on machines that have everything).
+const CpuIsa& cpu_isa() {
+  static const CpuIsa isa = [] {
+    CpuIsa c = detect_isa();
+    const char* cap = getenv("TOOLCHAIN_KERNELS_ISA_CAP");
+    const std::string s = cap ? cap : "";
+    if (s == "avx2") c.avx512 = c.vnni = false;
+    if (s == "portable") c = CpuIsa();
+    return c;
+  }();
+  return isa;
+}
+
+// TOOLCHAIN_KERNELS_ISA (read when an op is created): auto picks the widest supported path.
 const KernelTable* select_kernels() {
   const char* env = getenv("TOOLCHAIN_KERNELS_ISA");
-  std::string isa = env ? env : "";
-  if (isa.empty() || isa == "auto") return cpu_has_avx2_fma() ? avx2_kernels() : portable_kernels();
+  const std::string isa = env ? env : "";
+  const CpuIsa& cpu = cpu_isa();
+  if (isa.empty() || isa == "auto")
+    return cpu.avx512 ? avx512_kernels() : cpu.avx2 ? avx2_kernels() : portable_kernels();
   if (isa == "portable") return portable_kernels();
   if (isa == "avx2") {
-    if (!cpu_has_avx2_fma())
-      throw OpError(ORT_FAIL, "TOOLCHAIN_KERNELS_ISA=avx2 but this CPU lacks AVX2/FMA; use auto or portable");
+    if (!cpu.avx2)
+      throw OpError(ORT_FAIL, "TOOLCHAIN_KERNELS_ISA=avx2 but this CPU/OS lacks AVX2+FMA; use auto or portable");
     return avx2_kernels();
   }
+  if (isa == "avx512") {
+    if (!cpu.avx512)
+      throw OpError(ORT_FAIL,
+                    "TOOLCHAIN_KERNELS_ISA=avx512 but this CPU/OS lacks AVX-512 F/BW/VL; use auto, avx2 or portable");
+    return avx512_kernels();
+  }
   throw OpError(ORT_INVALID_ARGUMENT,
-                format("TOOLCHAIN_KERNELS_ISA=%s is not one of auto, avx2, portable", isa.c_str()));
+                format("TOOLCHAIN_KERNELS_ISA=%s is not one of auto, avx512, avx2, portable", isa.c_str()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -490,10 +552,94 @@ class BlockedWeights {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------------------------
+// Linear ops: shared input/output handling and the batched (tile) path.
+
+struct LinearIo {
+  const float* x = nullptr;
+  float* y = nullptr;
+  int64_t N = 0;  // rows of X (product of the leading dimensions); 0: nothing to compute
+};
+
+LinearIo linear_io(OrtKernelContext* ctx, const std::string& where, int64_t in_features, int64_t rows) {
+  const OrtValue* xv = nullptr;
+  ort_check(g_api->KernelContext_GetInput(ctx, 0, &xv), where);
+  TensorRef x = describe(xv, where + " input X");
+  if (x.shape.size() < 2)
+    throw OpError(ORT_INVALID_ARGUMENT, format("%s: X must have rank >= 2 ([N, K]), got rank %zu", where.c_str(),
+                                               x.shape.size()));
+  const int64_t K = x.shape.back();
+  if (K != in_features)
+    throw OpError(ORT_INVALID_ARGUMENT, format("%s: X has %lld features (last dim) but in_features is %lld",
+                                               where.c_str(), (long long)K, (long long)in_features));
+  LinearIo io;
+  io.N = x.size() / K;
+  std::vector<int64_t> yshape(x.shape.begin(), x.shape.end() - 1);
+  yshape.push_back(rows);
+  OrtValue* yv = nullptr;
+  ort_check(g_api->KernelContext_GetOutput(ctx, 0, yshape.data(), yshape.size(), &yv), where + " output");
+  if (io.N == 0) return io;
+  ort_check(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&io.y)), where + " output");
+  io.x = static_cast<const float*>(x.data);
+  return io;
+}
+
+// Y [N, M] = X [N, K] W^T + bias for N > 1: batch tiles of up to 64 rows of X, transposed to
+// [K, NT] so that one W row updates a whole tile with contiguous loads (w sub-major).
+void linear_batched(OrtKernelContext* ctx, const KernelTable* kt, const BlockedCsr& w, int64_t M, int64_t K,
+                    const LinearIo& io, const float* bias, BufferPool& pool) {
+  const int64_t N = io.N;
+  const float* xp = io.x;
+  float* y = io.y;
+  const int64_t ntiles = ceil_div(N, kMaxTile);
+  PooledBuf xt_buf(pool);
+  float* xt = xt_buf.buf.get(static_cast<size_t>(ntiles) * K * kMaxTile);
+  auto tile_geom = [&](int64_t t, int64_t* n0, int* valid, int* nv) {
+    *n0 = t * kMaxTile;
+    *valid = static_cast<int>(std::min<int64_t>(kMaxTile, N - *n0));
+    *nv = (*valid + 7) / 8;
+  };
+  const int64_t kc = 512;
+  const int64_t kchunks = ceil_div(K, kc);
+  parallel_for(ctx, ntiles * kchunks, [&](size_t task) {
+    const int64_t t = task / kchunks, k0 = (task % kchunks) * kc, k1 = std::min(K, k0 + kc);
+    int64_t n0;
+    int valid, nv;
+    tile_geom(t, &n0, &valid, &nv);
+    const int NT = nv * 8;
+    float* dst = xt + t * K * kMaxTile;
+    kt->transpose(xp + n0 * K + k0, K, dst + k0 * NT, NT, valid, k1 - k0);
+    if (valid < NT)
+      for (int64_t k = k0; k < k1; ++k) std::fill(dst + k * NT + valid, dst + (k + 1) * NT, 0.f);
+  });
+
+  const int64_t mc = chunk_rows(M, std::max<int64_t>(1, 16 / ntiles), 32, kLinearRowChunk);
+  const int64_t mchunks = ceil_div(M, mc);
+  parallel_for(ctx, ntiles * mchunks, [&](size_t task) {
+    const int64_t t = task / mchunks, m0 = (task % mchunks) * mc, m1 = std::min(M, m0 + mc);
+    int64_t n0;
+    int valid, nv;
+    tile_geom(t, &n0, &valid, &nv);
+    const int NT = nv * 8;
+    float* yt = thread_scratch(0, static_cast<size_t>(m1 - m0) * NT);
+    kt->spmm(w, m0, m1, xt + t * K * kMaxTile, nv, bias, yt, NT, NT, yt);
+    kt->transpose(yt, NT, y + n0 * M + m0, M, m1 - m0, valid);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // SparseLinear: Y[..., M] = X[..., K] W^T + bias.
 
 class SparseLinear {
  public:
+  static constexpr size_t kInputs = 5;
+  static ONNXTensorElementDataType input_type(size_t index) {
+    switch (index) {
+      case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // col_idx: uint16 or int32
+      case 3: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+  }
+
   explicit SparseLinear(const OrtKernelInfo* info) {
     NodeInfo n{info, "SparseLinear", node_name(info)};
     where_ = n.where();
@@ -508,76 +654,21 @@ class SparseLinear {
   }
 
   void compute(OrtKernelContext* ctx) {
-    const OrtValue* xv = nullptr;
-    ort_check(g_api->KernelContext_GetInput(ctx, 0, &xv), where_);
-    TensorRef x = describe(xv, where_ + " input X");
-    if (x.shape.size() < 2)
-      throw OpError(ORT_INVALID_ARGUMENT, format("%s: X must have rank >= 2 ([N, K]), got rank %zu", where_.c_str(),
-                                                 x.shape.size()));
-    const int64_t K = x.shape.back();
-    if (K != in_features_)
-      throw OpError(ORT_INVALID_ARGUMENT, format("%s: X has %lld features (last dim) but in_features is %lld",
-                                                 where_.c_str(), (long long)K, (long long)in_features_));
-    const int64_t N = x.size() / K;
-    std::vector<int64_t> yshape(x.shape.begin(), x.shape.end() - 1);
-    yshape.push_back(rows_);
-    OrtValue* yv = nullptr;
-    ort_check(g_api->KernelContext_GetOutput(ctx, 0, yshape.data(), yshape.size(), &yv), where_ + " output");
-    if (N == 0) return;
-    float* y = nullptr;
-    ort_check(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&y)), where_ + " output");
-    const float* xp = static_cast<const float*>(x.data);
+    const LinearIo io = linear_io(ctx, where_, in_features_, rows_);
+    if (io.N == 0) return;
     const float* bias = bias_.empty() ? nullptr : bias_.data();
     const KernelTable* kt = kernels_;
     const int64_t M = rows_;
-
-    if (N == 1) {
+    if (io.N == 1) {
       const BlockedCsr& w = w_.row_major();
       const int64_t mc = chunk_rows(M, 16, 64, 512);
       parallel_for(ctx, ceil_div(M, mc), [&](size_t t) {
         const int64_t m0 = t * mc, m1 = std::min(M, m0 + mc);
-        kt->spmv(w, m0, m1, xp, bias, y);
+        kt->spmv(w, m0, m1, io.x, bias, io.y);
       });
       return;
     }
-
-    // Batch tiles of up to 64 rows of X, transposed to [K, NT] so that one W row updates a whole
-    // tile with contiguous loads.
-    const BlockedCsr& w = w_.sub_major();
-    const int64_t ntiles = ceil_div(N, kMaxTile);
-    PooledBuf xt_buf(pool_);
-    float* xt = xt_buf.buf.get(static_cast<size_t>(ntiles) * K * kMaxTile);
-    auto tile_geom = [&](int64_t t, int64_t* n0, int* valid, int* nv) {
-      *n0 = t * kMaxTile;
-      *valid = static_cast<int>(std::min<int64_t>(kMaxTile, N - *n0));
-      *nv = (*valid + 7) / 8;
-    };
-    const int64_t kc = 512;
-    const int64_t kchunks = ceil_div(K, kc);
-    parallel_for(ctx, ntiles * kchunks, [&](size_t task) {
-      const int64_t t = task / kchunks, k0 = (task % kchunks) * kc, k1 = std::min(K, k0 + kc);
-      int64_t n0;
-      int valid, nv;
-      tile_geom(t, &n0, &valid, &nv);
-      const int NT = nv * 8;
-      float* dst = xt + t * K * kMaxTile;
-      kt->transpose(xp + n0 * K + k0, K, dst + k0 * NT, NT, valid, k1 - k0);
-      if (valid < NT)
-        for (int64_t k = k0; k < k1; ++k) std::fill(dst + k * NT + valid, dst + (k + 1) * NT, 0.f);
-    });
-
-    const int64_t mc = chunk_rows(M, std::max<int64_t>(1, 16 / ntiles), 32, kLinearRowChunk);
-    const int64_t mchunks = ceil_div(M, mc);
-    parallel_for(ctx, ntiles * mchunks, [&](size_t task) {
-      const int64_t t = task / mchunks, m0 = (task % mchunks) * mc, m1 = std::min(M, m0 + mc);
-      int64_t n0;
-      int valid, nv;
-      tile_geom(t, &n0, &valid, &nv);
-      const int NT = nv * 8;
-      float* yt = thread_scratch(0, static_cast<size_t>(m1 - m0) * NT);
-      kt->spmm(w, m0, m1, xt + t * K * kMaxTile, nv, bias, yt, NT, NT, yt);
-      kt->transpose(yt, NT, y + n0 * M + m0, M, m1 - m0, valid);
-    });
+    linear_batched(ctx, kt, w_.sub_major(), M, in_features_, io, bias, pool_);
   }
 
  private:
@@ -588,6 +679,294 @@ class SparseLinear {
   std::vector<float> bias_;
   BlockedWeights w_;
   BufferPool pool_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Packed linear ops (compact file formats; docs/kernels.md and packed.py define them).
+//
+// SparseLinearCodebook: X, codebook float [C], codes uint8 [ceil(E*bits/8)], deltas uint8 [E],
+//   row_ptr int32 [M+1], bias? float [M]; attributes in_features, bits (4 or 8). Entry e of row m
+//   (row_ptr[m] <= e < row_ptr[m+1]) steps deltas[e] columns (255 when deltas[e] = 0) from the
+//   previous entry (from column -1 for the row's first): a real weight when deltas[e] >= 1, with
+//   value codebook[code(e)]; a filler (no weight) when deltas[e] = 0. 4-bit codes are packed two
+//   per byte, low nibble first, over the whole entry sequence.
+// SparseLinearInt8: X, values int8 [E], deltas uint8 [E], row_ptr int32 [M+1], scales float [M],
+//   bias? float [M]; attribute in_features. W[m, col(e)] = scales[m] * values[e] (same deltas).
+//
+// Batch 1 runs on the packed rows (PackedRows: 1.5 / 2 / 2 bytes per entry streamed); batch > 1
+// decodes once to fp32 blocked CSR (built on first use) and shares SparseLinear's tile path.
+
+class PackedLinear {
+ public:
+  static constexpr size_t kInputs = 6;
+
+  PackedLinear(const OrtKernelInfo* info, const char* op, bool codebook) {
+    NodeInfo n{info, op, node_name(info)};
+    where_ = n.where();
+    kernels_ = select_kernels();
+    if (!get_int_attr(n, "in_features", &in_features_)) n.fail("missing required int attribute 'in_features'");
+    if (in_features_ < 1 || in_features_ > INT32_MAX)
+      n.fail(format("in_features must be in [1, 2^31), got %lld", (long long)in_features_));
+    if (codebook)
+      read_codebook(n);
+    else
+      read_int8(n);
+    if (input_present(n, 5)) {
+      TensorRef bias = const_input(n, 5, "bias");
+      if (bias.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) n.fail("bias must be float32");
+      if (bias.shape.size() != 1 || bias.shape[0] != rows_)
+        n.fail(format("bias must have shape [M]=[%lld] (M = len(row_ptr)-1), got %lld elements", (long long)rows_,
+                      (long long)bias.size()));
+      const float* bp = static_cast<const float*>(bias.data);
+      bias_.assign(bp, bp + rows_);
+    }
+    view_ = PackedRows{rows_, block_cols_, nblocks_, kind_, start_.data(), len_.data(), idx_.data(), code_.data(),
+                       table_.data(), scale_.data()};
+  }
+
+  void compute(OrtKernelContext* ctx) {
+    const LinearIo io = linear_io(ctx, where_, in_features_, rows_);
+    if (io.N == 0) return;
+    const float* bias = bias_.empty() ? nullptr : bias_.data();
+    const KernelTable* kt = kernels_;
+    const int64_t M = rows_;
+    if (io.N == 1) {
+      const int64_t mc = chunk_rows(M, 16, 64, 512);
+      parallel_for(ctx, ceil_div(M, mc), [&](size_t t) {
+        const int64_t m0 = t * mc, m1 = std::min(M, m0 + mc);
+        kt->spmv_packed(view_, m0, m1, io.x, bias, io.y);
+      });
+      return;
+    }
+    linear_batched(ctx, kt, decoded(), M, in_features_, io, bias, pool_);
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& msg) const { throw OpError(ORT_INVALID_ARGUMENT, where_ + ": " + msg); }
+
+  // row_ptr (input `index`) over E entries: sets rows_ and rp_.
+  void read_row_ptr(const NodeInfo& n, size_t index, int64_t entries) {
+    TensorRef row_ptr = const_input(n, index, "row_ptr");
+    if (row_ptr.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) n.fail("row_ptr must be int32");
+    if (row_ptr.shape.size() != 1) n.fail(format("row_ptr must be 1-D, got rank %zu", row_ptr.shape.size()));
+    if (row_ptr.shape[0] < 2) n.fail(format("row_ptr must have M+1 >= 2 entries, got %lld", (long long)row_ptr.shape[0]));
+    rows_ = row_ptr.shape[0] - 1;
+    const int32_t* rp = static_cast<const int32_t*>(row_ptr.data);
+    if (rp[0] != 0) n.fail(format("row_ptr[0] must be 0, got %d", rp[0]));
+    for (int64_t m = 0; m < rows_; ++m)
+      if (rp[m + 1] < rp[m])
+        n.fail(format("row_ptr must be non-decreasing: row_ptr[%lld]=%d < row_ptr[%lld]=%d", (long long)(m + 1),
+                      rp[m + 1], (long long)m, rp[m]));
+    if (rp[rows_] != entries)
+      n.fail(format("row_ptr[M]=%d must equal the number of entries (len(deltas)=%lld)", rp[rows_],
+                    (long long)entries));
+    rp_.assign(rp, rp + rows_ + 1);
+  }
+
+  TensorRef read_deltas(const NodeInfo& n, size_t index) {
+    TensorRef d = const_input(n, index, "deltas");
+    if (d.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) n.fail("deltas must be uint8");
+    if (d.shape.size() != 1) n.fail(format("deltas must be 1-D, got rank %zu", d.shape.size()));
+    if (d.shape[0] > INT32_MAX) n.fail("more than 2^31-1 entries");
+    return d;
+  }
+
+  // Column of every entry (a filler's: where its 255-column step lands); each must stay below
+  // in_features (a large delta or a filler run must not step past the row).
+  std::vector<int32_t> entry_columns(const NodeInfo& n, const uint8_t* deltas) const {
+    std::vector<int32_t> cols(rp_[rows_]);
+    for (int64_t m = 0; m < rows_; ++m) {
+      int64_t col = -1;
+      for (int32_t e = rp_[m]; e < rp_[m + 1]; ++e) {
+        col += deltas[e] ? deltas[e] : kFillerStep;
+        if (col >= in_features_)
+          n.fail(format("row %lld: entry %d reaches column %lld, past in_features=%lld (deltas or filler entries "
+                        "step past the row)", (long long)m, e, (long long)col, (long long)in_features_));
+        cols[e] = static_cast<int32_t>(col);
+      }
+    }
+    return cols;
+  }
+
+  // Batch-1 layout (PackedRows): column blocks, segments (block, row); fillers and entries whose
+  // value is zero are dropped. code_of(e) gives the entry's 4/8-bit code or int8 byte; zero(e)
+  // tells whether the entry contributes nothing.
+  template <class CodeOf, class IsZero>
+  void layout(const std::vector<int32_t>& cols, const CodeOf& code_of, const IsZero& zero) {
+    const int64_t K = in_features_;
+    nblocks_ = std::max<int64_t>(1, (K + kBlockCols - 1) / kBlockCols);
+    block_cols_ = (K + nblocks_ - 1) / nblocks_;
+    const int64_t nseg = nblocks_ * rows_;
+    start_.assign(nseg, 0);
+    len_.assign(nseg, 0);
+    for (int64_t m = 0; m < rows_; ++m)
+      for (int32_t e = rp_[m]; e < rp_[m + 1]; ++e)
+        if (!zero(e)) len_[(cols[e] / block_cols_) * rows_ + m]++;
+    const bool even = kind_ == kCodebook4;
+    int64_t at = 0;
+    for (int64_t i = 0; i < nseg; ++i) {
+      if (even) at += at & 1;
+      start_[i] = at;
+      at += len_[i];
+    }
+    idx_.assign(at + 64, 0);
+    code_.assign((even ? (at + 1) / 2 : at) + 64, 0);
+    std::vector<int64_t> fill(start_);
+    for (int64_t m = 0; m < rows_; ++m)
+      for (int32_t e = rp_[m]; e < rp_[m + 1]; ++e) {
+        if (zero(e)) continue;
+        const int64_t b = cols[e] / block_cols_;
+        const int64_t p = fill[b * rows_ + m]++;
+        idx_[p] = static_cast<uint16_t>(cols[e] - b * block_cols_);
+        const uint8_t c = static_cast<uint8_t>(code_of(e));
+        if (even)
+          code_[p >> 1] |= static_cast<uint8_t>(c << (4 * (p & 1)));
+        else
+          code_[p] = c;
+      }
+  }
+
+  void read_codebook(const NodeInfo& n) {
+    int64_t bits = 0;
+    if (!get_int_attr(n, "bits", &bits)) n.fail("missing required int attribute 'bits'");
+    if (bits != 4 && bits != 8) n.fail(format("bits must be 4 or 8, got %lld", (long long)bits));
+    kind_ = bits == 4 ? kCodebook4 : kCodebook8;
+    TensorRef cb = const_input(n, 1, "codebook");
+    if (cb.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) n.fail("codebook must be float32");
+    if (cb.shape.size() != 1) n.fail(format("codebook must be 1-D, got rank %zu", cb.shape.size()));
+    const int64_t C = cb.shape[0];
+    if (C < 1 || C > (int64_t(1) << bits))
+      n.fail(format("codebook has %lld entries; %lld-bit codes need 1..%d", (long long)C, (long long)bits,
+                    1 << bits));
+    const float* cbp = static_cast<const float*>(cb.data);
+    for (int64_t i = 0; i < C; ++i)
+      if (!std::isfinite(cbp[i])) n.fail(format("codebook[%lld] is not finite", (long long)i));
+    table_.assign(size_t(1) << bits, 0.f);
+    std::copy(cbp, cbp + C, table_.begin());
+
+    TensorRef codes = const_input(n, 2, "codes");
+    if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) n.fail("codes must be uint8");
+    if (codes.shape.size() != 1) n.fail(format("codes must be 1-D, got rank %zu", codes.shape.size()));
+    TensorRef deltas = read_deltas(n, 3);
+    const int64_t E = deltas.shape[0];
+    const int64_t want = (E * bits + 7) / 8;
+    if (codes.shape[0] != want)
+      n.fail(format("codes has %lld bytes; %lld entries of %lld bits need %lld", (long long)codes.shape[0],
+                    (long long)E, (long long)bits, (long long)want));
+    read_row_ptr(n, 4, E);
+    const uint8_t* cp = static_cast<const uint8_t*>(codes.data);
+    auto code_of = [&](int64_t e) -> int { return bits == 8 ? cp[e] : (cp[e >> 1] >> (4 * (e & 1))) & 15; };
+    for (int64_t e = 0; e < E; ++e)
+      if (code_of(e) >= C)
+        n.fail(format("code of entry %lld is %d, past the codebook's %lld entries", (long long)e, code_of(e),
+                      (long long)C));
+    const std::vector<int32_t> cols = entry_columns(n, static_cast<const uint8_t*>(deltas.data));
+    const uint8_t* dp = static_cast<const uint8_t*>(deltas.data);
+    layout(cols, code_of, [&](int64_t e) { return dp[e] == 0 || table_[code_of(e)] == 0.f; });
+    scale_.assign(1, 1.f);
+  }
+
+  void read_int8(const NodeInfo& n) {
+    kind_ = kInt8;
+    TensorRef values = const_input(n, 1, "values");
+    if (values.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) n.fail("values must be int8");
+    if (values.shape.size() != 1) n.fail(format("values must be 1-D, got rank %zu", values.shape.size()));
+    TensorRef deltas = read_deltas(n, 2);
+    const int64_t E = deltas.shape[0];
+    if (values.shape[0] != E)
+      n.fail(format("values has %lld entries but deltas has %lld (must be equal)", (long long)values.shape[0],
+                    (long long)E));
+    read_row_ptr(n, 3, E);
+    TensorRef scales = const_input(n, 4, "scales");
+    if (scales.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) n.fail("scales must be float32");
+    if (scales.shape.size() != 1 || scales.shape[0] != rows_)
+      n.fail(format("scales must have shape [M]=[%lld], got %lld elements", (long long)rows_,
+                    (long long)scales.size()));
+    const float* sp = static_cast<const float*>(scales.data);
+    for (int64_t m = 0; m < rows_; ++m)
+      if (!std::isfinite(sp[m])) n.fail(format("scales[%lld] is not finite", (long long)m));
+    scale_.assign(sp, sp + rows_);
+    const std::vector<int32_t> cols = entry_columns(n, static_cast<const uint8_t*>(deltas.data));
+    const uint8_t* vp = static_cast<const uint8_t*>(values.data);
+    const uint8_t* dp = static_cast<const uint8_t*>(deltas.data);
+    layout(cols, [&](int64_t e) { return vp[e]; }, [&](int64_t e) { return dp[e] == 0 || vp[e] == 0; });
+    table_.assign(16, 0.f);
+  }
+
+  float value_of(int64_t m, int64_t p) const {
+    switch (kind_) {
+      case kCodebook4: return table_[(code_[p >> 1] >> (4 * (p & 1))) & 15];
+      case kCodebook8: return table_[code_[p]];
+      default: return static_cast<float>(static_cast<int8_t>(code_[p])) * scale_[m];
+    }
+  }
+
+  // fp32 blocked CSR (sub-major) of the decoded weights, built on the first batch > 1 call.
+  const BlockedCsr& decoded() {
+    std::lock_guard<std::mutex> lock(dec_mu_);
+    if (!dec_) {
+      Csr c;
+      c.rows = rows_;
+      c.row_ptr.assign(rows_ + 1, 0);
+      for (int64_t m = 0; m < rows_; ++m) {
+        for (int64_t b = 0; b < nblocks_; ++b) {
+          const int64_t i = b * rows_ + m;
+          for (int64_t p = start_[i]; p < start_[i] + len_[i]; ++p) {
+            const int64_t col = b * block_cols_ + idx_[p];
+            c.col.push_back(static_cast<int32_t>(col));
+            c.val.push_back(value_of(m, p));
+            c.max_col = std::max(c.max_col, col);
+          }
+        }
+        c.row_ptr[m + 1] = static_cast<int32_t>(c.col.size());
+      }
+      c.nnz = static_cast<int64_t>(c.col.size());
+      auto w = std::make_unique<BlockedWeights>();
+      w->init(c, std::max<int64_t>(c.max_col + 1, 1), /*want_row_major=*/false);
+      dec_ = std::move(w);
+    }
+    return dec_->sub_major();
+  }
+
+  std::string where_;
+  const KernelTable* kernels_ = nullptr;
+  int kind_ = kCodebook4;
+  int64_t in_features_ = 0, rows_ = 0, nblocks_ = 1, block_cols_ = 1;
+  std::vector<int32_t> rp_;
+  std::vector<int64_t> start_;
+  std::vector<int32_t> len_;
+  std::vector<uint16_t> idx_;
+  std::vector<uint8_t> code_;
+  std::vector<float> table_, scale_, bias_;
+  PackedRows view_{};
+  std::mutex dec_mu_;
+  std::unique_ptr<BlockedWeights> dec_;
+  BufferPool pool_;
+};
+
+class SparseLinearCodebook : public PackedLinear {
+ public:
+  static ONNXTensorElementDataType input_type(size_t index) {
+    switch (index) {
+      case 2: case 3: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;  // codes, deltas
+      case 4: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+  }
+  explicit SparseLinearCodebook(const OrtKernelInfo* info) : PackedLinear(info, "SparseLinearCodebook", true) {}
+};
+
+class SparseLinearInt8 : public PackedLinear {
+ public:
+  static ONNXTensorElementDataType input_type(size_t index) {
+    switch (index) {
+      case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+      case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      case 3: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+  }
+  explicit SparseLinearInt8(const OrtKernelInfo* info) : PackedLinear(info, "SparseLinearInt8", false) {}
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -606,6 +985,9 @@ ConvAlgo conv_algo_from_env() {
 
 class SparseConv {
  public:
+  static constexpr size_t kInputs = 5;
+  static ONNXTensorElementDataType input_type(size_t index) { return SparseLinear::input_type(index); }
+
   explicit SparseConv(const OrtKernelInfo* info) {
     NodeInfo n{info, "SparseConv", node_name(info)};
     where_ = n.where();
@@ -907,16 +1289,12 @@ struct OpDef : OrtCustomOp {
     version = ORT_API_VERSION;
     GetName = [](const OrtCustomOp* op) -> const char* { return static_cast<const OpDef*>(op)->name; };
     GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };
-    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 5; };
+    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return Kernel::kInputs; };
     GetInputType = [](const OrtCustomOp*, size_t index) -> ONNXTensorElementDataType {
-      switch (index) {
-        case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // col_idx: uint16 or int32
-        case 3: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
-        default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-      }
+      return Kernel::input_type(index);
     };
     GetInputCharacteristic = [](const OrtCustomOp*, size_t index) -> OrtCustomOpInputOutputCharacteristic {
-      return index == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+      return index == Kernel::kInputs - 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;  // bias
     };
     GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
     GetOutputType = [](const OrtCustomOp*, size_t) -> ONNXTensorElementDataType {
@@ -945,6 +1323,8 @@ struct OpDef : OrtCustomOp {
 
 OpDef<SparseLinear> g_linear("SparseLinear");
 OpDef<SparseConv> g_conv("SparseConv");
+OpDef<SparseLinearCodebook> g_codebook("SparseLinearCodebook");
+OpDef<SparseLinearInt8> g_int8("SparseLinearInt8");
 
 }  // namespace
 }  // namespace tcops
@@ -965,6 +1345,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain)) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_linear)) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_conv)) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_codebook)) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_int8)) return st;
   // The domain must outlive every session using it; it is small and kept until process exit.
   return api->AddCustomOpDomain(options, domain);
 }

@@ -1,0 +1,329 @@
+"""Deep Compression's weight sharing, compact coding and int8 (toolchain/methods/quantize)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+
+from converters import from_module
+from toolchain.errors import ModelFormatError, RecipeError
+from toolchain.methods.quantize import coding
+from toolchain.methods.quantize.kmeans import init_centroids, kmeans_1d
+from toolchain.methods.quantize.layers import SharedConv2d, SharedLinear, int8_from_dense, shared_from_dense
+from toolchain.methods.quantize.onnx import export_quantized, import_quantized, shared_groups
+
+
+def _pruned_linear(i=40, o=12, density=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(i, o)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(o, i, generator=g) * 0.1)
+        lin.weight.mul_(torch.rand(o, i, generator=g) < density)
+    return lin
+
+
+def _run(model_bytes, x):
+    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+# ----------------------------------------------------------------------------- k-means
+def test_kmeans_linear_init_is_deterministic_and_spans_range():
+    v = np.random.default_rng(3).normal(size=2000)
+    c0 = init_centroids(v, 8, "linear")
+    assert c0[0] == v.min() and c0[-1] == v.max() and np.allclose(np.diff(c0), np.diff(c0)[0])
+    a = kmeans_1d(v, 16, "linear", seed=1)
+    b = kmeans_1d(v, 16, "linear", seed=2)  # linear init does not use the seed
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    r1, r2 = kmeans_1d(v, 16, "random", seed=5), kmeans_1d(v, 16, "random", seed=5)
+    assert np.array_equal(r1[0], r2[0])
+    d = kmeans_1d(v, 16, "density")
+    for c, codes in (a, r1, d):  # every value sits with its nearest centroid, centroids are members' means
+        assert np.array_equal(codes, np.argmin(np.abs(v[:, None] - c[None]), axis=1))
+        for j in np.unique(codes):
+            assert np.isclose(c[j], v[codes == j].mean())
+
+
+def test_kmeans_matches_scipy_kmeans2_from_the_same_init():
+    from scipy.cluster.vq import kmeans2
+
+    v = np.random.default_rng(0).normal(size=500)
+    init = init_centroids(v, 8, "linear")
+    ours, codes = kmeans_1d(v, 8, "linear", iterations=300)
+    theirs, lab = kmeans2(v[:, None], init[:, None].copy(), iter=300, minit="matrix")
+    assert np.allclose(np.sort(ours), np.sort(theirs[:, 0]), atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- shared layers
+def test_shared_value_gradient_is_the_sum_of_its_weights_gradients():
+    lin = _pruned_linear()
+    sh = shared_from_dense(lin, bits=3)
+    x = torch.randn(5, 40)
+    sh(x).pow(2).sum().backward()
+    # the same loss through a free dense weight equal to codebook[codes] * mask
+    w = (sh.codebook[sh.codes] * sh.mask).detach().requires_grad_(True)
+    torch.nn.functional.linear(x, w, sh.bias.detach()).pow(2).sum().backward()
+    expect = torch.zeros(8).index_add_(0, sh.codes[sh.mask], w.grad[sh.mask])
+    assert torch.allclose(sh.codebook.grad, expect, atol=1e-5)
+    assert torch.count_nonzero(expect) > 0
+
+
+def test_pruned_weights_stay_zero_through_quantized_retraining():
+    lin = _pruned_linear()
+    zero = lin.weight == 0
+    sh = shared_from_dense(lin, bits=2)
+    opt = torch.optim.SGD(sh.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    before = sh.codebook.detach().clone()
+    for _ in range(20):
+        opt.zero_grad()
+        sh(torch.randn(8, 40)).sum().backward()
+        opt.step()
+    assert not torch.equal(before, sh.codebook.detach())
+    assert torch.all(sh.weight[zero] == 0) and torch.all(sh.weight[~zero] != 0)
+    assert len(torch.unique(sh.weight[~zero])) <= 4
+
+
+def test_bad_bits_and_too_few_weights_are_errors():
+    with pytest.raises(ValueError, match="bits"):
+        SharedLinear(4, 4, bits=9)
+    lin = _pruned_linear(8, 2, density=0.2)
+    with pytest.raises(ValueError, match="remaining weights"):
+        shared_from_dense(lin, bits=4)
+
+
+# ----------------------------------------------------------------------------- coding
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 8])
+def test_delta_coding_with_fillers_round_trips(width):
+    rng = np.random.default_rng(width)
+    for density in (0.0, 0.001, 0.05, 0.5, 1.0):
+        w = rng.normal(size=(30, 70)) * (rng.random((30, 70)) < density)
+        w[3:9] = 0  # empty rows: gaps longer than any index width
+        codes = rng.integers(0, 16, size=w.shape)
+        coded = coding.encode_weight(w, codes, width)
+        assert coded.deltas.max(initial=0) < (1 << width)
+        pos, c = coding.delta_decode(coded)
+        assert np.array_equal(pos, np.flatnonzero(w)) and np.array_equal(c, codes.reshape(-1)[pos])
+        if density == 0.001 and width <= 5:
+            assert coded.fillers > 0
+
+
+def test_delta_decode_rejects_corrupted_streams():
+    coded = coding.delta_encode(np.array([3, 9]), np.array([1, 2]), 3, 10)
+    bad = coding.DeltaCoded(coded.deltas.copy(), coded.codes, 3, 5)
+    with pytest.raises(ModelFormatError, match="corrupted index stream"):
+        coding.delta_decode(bad)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_bit_packing_round_trips(bits):
+    v = np.random.default_rng(bits).integers(0, 1 << bits, size=101)
+    packed = coding.pack_bits(v, bits)
+    assert packed.dtype == np.uint8 and packed.size == (101 * bits + 7) // 8
+    assert np.array_equal(coding.unpack_bits(packed, bits, 101), v)
+
+
+def test_huffman_round_trips_and_beats_fixed_width_on_skewed_data():
+    rng = np.random.default_rng(0)
+    s = np.minimum(rng.geometric(0.3, size=3000) - 1, 31)
+    coded = coding.huffman_encode(s)
+    assert np.array_equal(coding.huffman_decode(coded), s)
+    assert coded.nbits == coding.huffman_bits(s) < 5 * s.size
+    lengths = coded.lengths  # Kraft equality for a full binary code
+    assert abs(sum(2.0 ** -n for n in lengths.values()) - 1) < 1e-12
+    one = coding.huffman_encode(np.array([7, 7, 7]))
+    assert np.array_equal(coding.huffman_decode(one), [7, 7, 7])
+
+
+# ----------------------------------------------------------------------------- ONNX
+def _net(seed=0, density=0.25):
+    torch.manual_seed(seed)
+    seq = nn.Sequential()
+    seq.add_module("conv1", nn.Conv2d(1, 4, 3))
+    seq.add_module("relu1", nn.ReLU())
+    seq.add_module("flat", nn.Flatten())
+    seq.add_module("ip1", nn.Linear(4 * 6 * 6, 20))
+    seq.add_module("relu2", nn.ReLU())
+    seq.add_module("ip2", nn.Linear(20, 5))
+    net = from_module(seq, torch.zeros(1, 1, 8, 8))
+    with torch.no_grad():
+        for name, m in net.layers().items():
+            m.weight.mul_(torch.rand_like(m.weight) < density)
+    return net
+
+
+def _quantize(net, bits=(2, 5, 3)):
+    for (name, layer), b in zip(list(net.layers().items()), bits):
+        new = shared_from_dense(layer, b)
+        net.replace_layer(name, new)
+    return net
+
+
+@pytest.mark.parametrize("bits,group", [((2, 5, 3), True), ((2, 3, 3), True), ((2, 2, 2), True), ((2, 3, 3), False)])
+def test_portable_decoding_in_onnxruntime_equals_the_torch_layer(tmp_path, bits, group):
+    net = _quantize(_net(), bits).eval()
+    net.layers()["ip1"].bias_bits = 16  # float16 bias: stored rounded, computed rounded
+    net.layers()["conv1"].bias_bits = 16
+    net.layers()["ip2"].index_bits = 2  # a narrow index: fillers
+    x = torch.rand(3, 1, 8, 8)
+    model = export_quantized(net, tmp_path / "q.onnx", group=group)
+    ours = _run(model.SerializeToString(), x.numpy())
+    groups = {id(g) for g in shared_groups(net).values()} if group else net.layers()
+    assert sum(n.op_type == "ScatterElements" for n in model.graph.node) == len(groups)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    assert np.allclose(ours, ref, atol=1e-5)
+    # no float weight matrix is stored: only codebooks, packed uint8 streams and biases
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    assert all(len(t.dims) <= 1 and sum(t.dims) <= 3 * 32 for t in floats)
+
+
+@pytest.mark.parametrize("bits", [(2, 5, 3), (2, 3, 3), (2, 2, 2), (2, 4, 2)])
+def test_portable_file_reimports_as_shared_layers(tmp_path, bits):
+    net = _quantize(_net(), bits).eval()
+    net.layers()["ip1"].bias_bits = 16
+    export_quantized(net, tmp_path / "q.onnx")
+    back = import_quantized(tmp_path / "q.onnx")
+    layers = back.layers()
+    assert isinstance(layers["ip1"], SharedLinear) and isinstance(layers["conv1"], SharedConv2d)
+    for name, m in net.layers().items():
+        assert torch.equal(layers[name].weight, m.weight.detach())
+        assert layers[name].bits == m.bits and layers[name].bias_bits == m.bias_bits
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(back(x), net(x), atol=1e-6)
+
+
+def test_corrupted_codebook_or_stream_is_a_clear_error(tmp_path):
+    from toolchain.methods.quantize.onnx import read_records
+
+    net = _quantize(_net(), (2, 3, 3)).eval()
+    model = export_quantized(net)
+    recs = list(read_records(model).values())
+    big = max(recs, key=lambda r: r["entries"])
+    cases = [(big["codebook"], lambda a: a[:-1]), (big["packed"], lambda a: a[:-3]),
+             (big["codebook"], lambda a: np.full_like(a, np.nan))] + [(r["packed"], lambda a: a * 0 + 255) for r in recs]
+    for target, edit in cases:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        for t in m.graph.initializer:
+            if t.name == target:
+                t.CopyFrom(onnx.numpy_helper.from_array(edit(onnx.numpy_helper.to_array(t)), t.name))
+        with pytest.raises(ModelFormatError) as e:
+            import_quantized(m)
+        assert "\n" not in str(e.value)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.metadata_props[0].value = m.metadata_props[0].value.replace('"b":', '"b":"x",')
+    with pytest.raises(ModelFormatError, match="malformed"):
+        import_quantized(m)
+
+
+def test_int8_qdq_and_dense_form_run_in_stock_onnxruntime(tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    net = _net().eval()
+    ref_net = _net().eval()
+    for name, layer in list(net.layers().items()):
+        net.replace_layer(name, int8_from_dense(layer))
+    x = torch.rand(4, 1, 8, 8)
+    model = export_quantized(net, tmp_path / "i8.onnx")
+    assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    with torch.no_grad():
+        assert np.allclose(_run(model.SerializeToString(), x.numpy()), net(x).numpy(), atol=1e-5)
+        assert np.allclose(net(x).numpy(), ref_net(x).numpy(), atol=0.05)
+    back = import_quantized(tmp_path / "i8.onnx")  # DequantizeLinear folds at import
+    with torch.no_grad():
+        assert torch.allclose(back(x), net(x), atol=1e-6)
+    # dense form: plain float initializers for onnxruntime.quantization
+    big = nn.Sequential()
+    big.add_module("flat", nn.Flatten())
+    big.add_module("ip1", nn.Linear(64, 256))
+    big.add_module("relu", nn.ReLU())
+    big.add_module("ip2", nn.Linear(256, 10))
+    g = _quantize(from_module(big, torch.zeros(1, 1, 8, 8)), bits=(4, 4)).eval()
+    export_quantized(g, tmp_path / "dense.onnx", form="dense")
+    dense_model = onnx.load(tmp_path / "dense.onnx")
+    assert {n.op_type for n in dense_model.graph.node} <= {"Flatten", "Gemm", "Relu", "MatMul", "Add", "Reshape"}
+    quantize_dynamic(str(tmp_path / "dense.onnx"), str(tmp_path / "dyn.onnx"), weight_type=QuantType.QInt8)
+    assert (tmp_path / "dyn.onnx").stat().st_size < 0.5 * (tmp_path / "dense.onnx").stat().st_size
+    xs = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        ref = g(xs).numpy()
+    out = _run((tmp_path / "dyn.onnx").read_bytes(), xs.numpy())
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max() + 1e-3
+
+
+# ----------------------------------------------------------------------------- recipe
+def test_recipe_prune_then_share_composes_and_validates():
+    from toolchain.driver import compress_network
+    from toolchain.recipe import parse_recipe
+
+    text = """
+    [[stage]]
+    pass = "prune"
+    [stage.layers.default]
+    density = 0.5
+    [[stage]]
+    pass = "quantize"
+    [stage.layers.default]
+    bits = 3
+    [stage.layers.ip2]
+    bits = 2
+    """
+    net = _net(density=1.0)
+    res = compress_network(net, parse_recipe(text), None, progress=False)
+    layers = res.net.layers()
+    assert isinstance(layers["ip1"], SharedLinear) and layers["ip2"].bits == 2
+    assert layers["ip1"].density() == pytest.approx(0.5, abs=0.01)
+    assert len(torch.unique(layers["ip1"].weight)) <= 9  # 8 shared values + zero
+    for bad, msg in (("bits = 0", "bits"), ("bits = 9", "bits"), ("init = 'kmeans++'", "init"),
+                     ("method = 'fp4'", "method")):
+        with pytest.raises(RecipeError, match=msg):
+            parse_recipe(f'[[stage]]\npass = "quantize"\n[stage.layers.default]\n{bad}\n')
+    too_many = parse_recipe('[[stage]]\npass = "quantize"\n[stage.layers.ip2]\nbits = 8\n')
+    with pytest.raises(RecipeError, match="remaining weights"):
+        compress_network(_net(), too_many, None, progress=False)
+
+
+def test_hashed_layer_cannot_be_quantized():
+    from toolchain.driver import compress_network
+    from toolchain.methods.hashed.layers import hashed_from_dense
+    from toolchain.recipe import parse_recipe
+
+    net = _net()
+    net.replace_layer("ip1", hashed_from_dense(net.layers()["ip1"], 50, 1))
+    with pytest.raises(RecipeError, match="hashed"):
+        compress_network(net, parse_recipe('[[stage]]\npass = "quantize"\n[stage.layers.ip1]\nbits = 2\n'), None,
+                         progress=False)
+
+
+# ----------------------------------------------------------------------------- fast form
+@pytest.mark.parametrize("kind", ["share-3", "share-4", "share-6", "int8"])
+def test_fast_form_runs_the_packed_custom_ops_and_equals_the_torch_layer(tmp_path, kind):
+    """Fully connected quantized layers become SparseLinearCodebook / SparseLinearInt8 (weights stay
+    packed); conv layers fall back to the portable decoding graph."""
+    from toolchain import kernels
+    from toolchain.exporter import export_compressed
+
+    net = _net(seed=2, density=0.6).eval()
+    for name, layer in list(net.layers().items()):
+        bits = 2 if name == "conv1" else int(kind.split("-")[-1]) if kind != "int8" else 0  # conv1 has 21 weights
+        new = int8_from_dense(layer) if kind == "int8" else shared_from_dense(layer, bits)
+        if kind != "int8":
+            new.bias_bits = 16
+        net.replace_layer(name, new)
+    model = export_compressed(net, tmp_path / "fast.onnx", form="fast")
+    ops = [n.op_type for n in model.graph.node if n.domain == kernels.DOMAIN]
+    assert ops == (["SparseLinearInt8"] * 2 if kind == "int8" else ["SparseLinearCodebook"] * 2)
+    so = ort.SessionOptions()
+    kernels.register(so)
+    sess = ort.InferenceSession(str(tmp_path / "fast.onnx"), so, providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        x = torch.rand(batch, 1, 8, 8)
+        with torch.no_grad():
+            ref = net(x).numpy()
+        np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], ref, rtol=1e-5, atol=1e-5)
