@@ -36,3 +36,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Raise ToolchainError now (before any work) if a file could not be written at `path` later:
+    it is a directory, an ancestor is a file, or the nearest existing folder is not writable.
+    Creates nothing. Returns the path."""
+    from .errors import ToolchainError
+
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise ToolchainError(f"{what} path is empty")
+    if path.is_dir():
+        raise ToolchainError(f"{what} {path} is a directory; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ToolchainError(f"{what} {path} exists and is not writable")
+    parent = path.parent
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ToolchainError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ToolchainError(f"{what} {path}: cannot write in {parent} (permission denied)")
+    return path

@@ -38,6 +38,7 @@ RESTORERS: Registry = Registry("import restorer")
 
 # shape-like initializers (and small ones) are kept for shape inference; big ones become typed inputs
 _SMALL_INIT = 1024
+_WEIGHT_OPERAND_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul"}
 # ops through which a folded constant keeps the name of the initializer it came from
 _LAYOUT_OPS = {"Transpose", "Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 # auto-generated value names and node names, which make poor layer names
@@ -111,10 +112,38 @@ def _one_line(e: Exception, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+MAX_SAMPLE_ELEMENTS = 2**28  # per-sample elements of a declared input (1 GiB of float32)
+
+
 def _check_structure(model: onnx.ModelProto, label: str) -> None:
+    """Everything onnxruntime would reject later (or run out of memory on), before any work is done."""
     g = model.graph
     if not g.output:
         raise ModelFormatError(f"{label}: the graph has no outputs")
+    seen_nodes: set[str] = set()
+    seen_values: set[str] = {v.name for v in g.input} | {t.name for t in g.initializer}
+    for i, node in enumerate(g.node):
+        if node.name:
+            if node.name in seen_nodes:
+                raise ModelFormatError(f"{label}: two nodes are named {node.name!r} (node names must be unique; "
+                                       "onnxruntime refuses the file)")
+            seen_nodes.add(node.name)
+        for out in node.output:
+            if out and out in seen_values:
+                raise ModelFormatError(f"{label}: value {out!r} is written twice (node {node.name or '#' + str(i)!r} "
+                                       f"({node.op_type}) redefines it)")
+            seen_values.add(out)
+    inits = {t.name for t in g.initializer}
+    for v in g.input:
+        dims = _dims(v.type)
+        if v.name in inits or not dims:
+            continue
+        if any(isinstance(d, int) and d < 0 for d in dims):
+            raise ModelFormatError(f"{label}: input {v.name!r} declares a negative dimension {dims}")
+        per_sample = math.prod(d for d in dims[1:] if isinstance(d, int) and d > 0)
+        if per_sample > MAX_SAMPLE_ELEMENTS or any(isinstance(d, int) and d >= 2**31 for d in dims):
+            raise ModelFormatError(f"{label}: input {v.name!r} declares shape {dims}: {per_sample:,} values per sample "
+                                   f"is more than the {MAX_SAMPLE_ELEMENTS:,} supported")
     defined = {v.name for v in g.input} | {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
     produced_later = {o for n in g.node for o in n.output}
     for i, node in enumerate(g.node):
@@ -169,7 +198,11 @@ class _Importer:
         self.input_shapes = {v.name: _dims(v.type) for v in self.graph_inputs}
         self.batch_made_dynamic: int | None = None
         if dynamic_batch:
+            # a graph input that a MatMul / Gemm / Conv reads as its weight operand has no batch dimension
+            weights = {v for n in g.node if n.op_type in _WEIGHT_OPERAND_OPS and not n.domain for v in n.input[1:]}
             for name, dims in self.input_shapes.items():
+                if name in weights:
+                    continue
                 if dims and len(dims) >= 2 and isinstance(dims[0], int):
                     self.batch_made_dynamic = dims[0]
                     dims[0] = "N"
@@ -230,8 +263,10 @@ class _Importer:
         for node in self.nodes:
             if not (node.domain == "" and node.op_type in FOLDED_OPS):
                 self._converter(node)
-        # folding can expose static shapes (a Reshape target becomes constant), which can enable more folding
-        for _ in range(4):
+        # folding can expose static shapes (a Reshape target becomes constant), which can enable more folding;
+        # a rewritten Reshape target changes the shapes downstream (the next channel shuffle of a ShuffleNet
+        # only sees its batch dimension once the previous one is rewritten): iterate to a fixed point
+        for _ in range(max(4, len(self.nodes) + 1)):
             self._infer_shapes()
             before = (len(self.nodes), self._rewrites)
             self._fold()
@@ -249,7 +284,9 @@ class _Importer:
     def _infer_shapes(self) -> None:
         """onnx shape inference (with data propagation) on the current nodes; big constants become typed inputs."""
         m = onnx.ModelProto()
-        m.ir_version = self.model.ir_version
+        # IR >= 4: initializers need not be graph inputs (IR 3 inference ignores those that are not, so the
+        # folded weights of an old file would leave every shape downstream unknown)
+        m.ir_version = max(self.model.ir_version, 4)
         m.opset_import.extend(self.model.opset_import)
         g = m.graph
         g.name = self.model.graph.name
@@ -457,7 +494,9 @@ class _Importer:
                 return
         elif self.batch_made_dynamic is not None and target_name in self.consts:
             target = [int(v) for v in np.asarray(self.consts[target_name]).reshape(-1)]
-            if not (target and target[0] == self.batch_made_dynamic and data_dims and data_dims[0] == "N"):
+            # the data's first dimension is the (now dynamic) batch: "N", or a symbol inference made up
+            # for it downstream of an earlier rewritten Reshape ("unk__0")
+            if not (target and target[0] == self.batch_made_dynamic and data_dims and not isinstance(data_dims[0], int)):
                 return
             rest = data_dims[1:]
             if -1 not in target[1:] and not (all(isinstance(d, int) for d in rest) and math.prod(target[1:]) == math.prod(rest)):

@@ -32,3 +32,14 @@ def lenet5_path():
 
 def rand_images(n, shape=(1, 28, 28), seed=0):
     return np.random.default_rng(seed).random((n, *shape), dtype=np.float32)
+
+
+# Tests that launch several processes (torchrun / torch.multiprocessing) are the suite's slow part:
+# `make test` (-m "not slow") leaves them out, `make test-all` runs them.
+SLOW_FIXTURES = {"two_proc"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -213,7 +213,7 @@ def test_legacy_v1_train_net_with_mean(tmp_path):
     proto = tmp_path / "train_val.prototxt"
     proto.write_text(LEGACY_V1_TRAIN)
     # Without include rules for TEST, the TRAIN-only data layer is filtered out: no input at all.
-    with pytest.raises(ModelFormatError, match="bottom blob 'data' is not produced"):
+    with pytest.raises(ModelFormatError, match="no input: every data layer is excluded.*phase: TRAIN"):
         convert_caffe(proto)
     proto.write_text(LEGACY_V1_TRAIN.replace("include: { phase: TRAIN }", ""))
     result = convert_caffe(proto, input_shape=(3, 8, 8), seed=1)
@@ -470,8 +470,8 @@ BAD_INPUTS = {
                r"lenet\.prototxt: line \d+: prototxt syntax error"),
     "missing bottom": (lambda p, w: _edit(p, 'bottom: "pool1"', 'bottom: "pool_1"'),
                        r"layer 'conv2' \(Convolution\): bottom blob 'pool_1' is not produced by any earlier layer"),
-    "unsupported": (lambda p, w: _edit(p, 'type: "ReLU"', 'type: "PReLU"'),
-                    r"layer 'relu1' has unsupported type 'PReLU'"),
+    "unsupported": (lambda p, w: _edit(p, 'type: "ReLU"', 'type: "Swish"'),
+                    r"layer 'relu1' has unsupported type 'Swish'"),
     "layer without weights": (lambda p, w: _edit(p, 'name: "ip2"', 'name: "fc2"'),
                               r"layer 'fc2' \(InnerProduct\): .*lenet\.caffemodel has no weights for this layer"),
     "blob count": (lambda p, w: _edit(p, "num_output: 20", "num_output: 20\n    bias_term: false"),

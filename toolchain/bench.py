@@ -12,8 +12,37 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .errors import ToolchainError
 from .kernels import DOMAIN
-from .runtime import make_session
+from .runtime import make_session, run
+
+MAX_THREADS_PER_CORE = 4  # more threads than this per core only makes onnxruntime spin (100,000 hangs it)
+
+
+def check_threads(threads: list[int], cpus: int | None = None) -> list[int]:
+    """Thread counts for onnxruntime: each in [1, 4 x the machine's CPU count], else a ToolchainError."""
+    cpus = cpus or os.cpu_count() or 1
+    limit = MAX_THREADS_PER_CORE * cpus
+    bad = [t for t in threads if not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= limit]
+    if bad:
+        raise ToolchainError(f"--threads {bad[0]} is out of range: use 1 to {limit} ({MAX_THREADS_PER_CORE} x the "
+                             f"{cpus} CPUs of this machine)")
+    return list(threads)
+
+
+def resolve_batches(model: onnx.ModelProto, batches: list[int]) -> tuple[list[int], str | None]:
+    """The batch sizes a model can be timed at: a model whose input has a fixed batch size b runs at b only.
+    Returns (batches, note): note says what changed (None if nothing did)."""
+    inputs = [v for v in model.graph.input if v.name not in {t.name for t in model.graph.initializer}]
+    if not inputs:
+        raise ToolchainError("the model has no graph input to feed")
+    dims = inputs[0].type.tensor_type.shape.dim
+    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+    if fixed is None or list(batches) == [fixed]:
+        return list(batches), None
+    asked = ",".join(map(str, batches))
+    return [fixed], (f"the model's input has a fixed batch size {fixed}: timed at batch {fixed} only "
+                     f"(asked for {asked}); re-export it with a dynamic batch dimension for other sizes")
 
 
 @dataclass
@@ -28,24 +57,37 @@ class Timing:
     per_node_ms: dict[str, float] = field(default_factory=dict)
 
 
+MAX_FEED_BYTES = 2**31  # random input of a timing run: at most 2 GiB
+
+
 def _feed(sess, batch: int, seed: int = 0) -> dict:
+    """Random input for one run at `batch`; a fixed batch size that differs, or an input too large to
+    allocate (declared dimensions of 2^31), is a ToolchainError rather than an onnxruntime traceback."""
     rng = np.random.default_rng(seed)
     inp = sess.get_inputs()[0]
+    if isinstance(inp.shape[0], int) and inp.shape[0] > 0 and inp.shape[0] != batch:
+        raise ToolchainError(f"the model's input {inp.name!r} has a fixed batch size {inp.shape[0]}: time it with "
+                             f"--batch {inp.shape[0]}, or re-export it with a dynamic batch dimension")
     shape = [batch if (not isinstance(d, int) or d <= 0 or i == 0) else d for i, d in enumerate(inp.shape)]
+    nbytes = 4 * int(np.prod(shape, dtype=np.float64))
+    if nbytes > MAX_FEED_BYTES:
+        raise ToolchainError(f"input {inp.name!r} of shape {shape} needs {nbytes / 2**30:.1f} GiB per run; "
+                             f"at most {MAX_FEED_BYTES / 2**30:.0f} GiB can be timed")
     return {inp.name: rng.random(shape, dtype=np.float32)}
 
 
 def time_model(model: onnx.ModelProto, label: str, batch: int, threads: int, min_runs: int = 20,
                min_seconds: float = 1.0, warmup: int = 5) -> Timing:
+    check_threads([threads])
     sess = make_session(model, threads=threads)
     feed = _feed(sess, batch)
     for _ in range(warmup):
-        sess.run(None, feed)
+        run(sess, feed)
     times = []
     t_end = time.perf_counter() + min_seconds
     while len(times) < min_runs or time.perf_counter() < t_end:
         t0 = time.perf_counter()
-        sess.run(None, feed)
+        run(sess, feed)
         times.append((time.perf_counter() - t0) * 1e3)
         if len(times) >= 10000:
             break
@@ -55,18 +97,17 @@ def time_model(model: onnx.ModelProto, label: str, batch: int, threads: int, min
 
 def per_node_times(model: onnx.ModelProto, batch: int, threads: int, runs: int = 20) -> dict[str, float]:
     """Median kernel time per node (ms) from onnxruntime's profiler."""
-    import onnxruntime as ort
-
     from .runtime import session_options, uses_custom_ops
 
+    check_threads([threads])
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(threads, custom_ops=uses_custom_ops(model))
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "prof")
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = make_session(model, threads=threads, session_opts=so)
         feed = _feed(sess, batch)
         for _ in range(3 + runs):
-            sess.run(None, feed)
+            run(sess, feed)
         with open(sess.end_profiling()) as f:
             events = json.load(f)
     per: dict[str, list[float]] = {}

@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import checkpoint as ckpt_
 from . import distributed as dist_
 from .errors import DataError
 from converters.fileio import atomic_path
 from .recipe import Recipe
-from .train import _param_device, _run_device, evaluate, load_checkpoint, train
+from .train import _param_device, _run_device, evaluate, train
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,77 @@ class CompressResult:
     lines: list[str]
 
 
-def _restore_layers(net, saved) -> None:
-    """Swap the checkpoint's layers (compressed types included) into the Network bound to the user's module."""
-    for name, layer in saved.layers().items():
-        net.replace_layer(name, layer)
+def pass_state(p, tensors: dict) -> dict:
+    """A pass's mutable state (everything but its options) as plain data; networks (teachers) as records."""
+    out = {}
+    for k, v in vars(p).items():
+        if k in ("options", "layer_options"):
+            continue
+        if isinstance(v, torch.nn.Module):
+            out[k] = {"__network__": ckpt_.network_record(v, tensors)}
+            continue
+        enc = ckpt_._encode(v, tensors)
+        if enc is ckpt_.KEEP:
+            raise TypeError(f"{type(p).__name__}.{k} ({type(v).__name__}) cannot be checkpointed as plain data")
+        out[k] = enc
+    return out
+
+
+def restore_pass_state(p, state: dict, tensors: dict, fresh_net) -> None:
+    import copy
+
+    for k, v in state.items():
+        if isinstance(v, dict) and "__network__" in v:
+            teacher = copy.deepcopy(fresh_net)
+            ckpt_.restore_network(teacher, v["__network__"], tensors)
+            setattr(p, k, teacher)
+        else:
+            setattr(p, k, ckpt_._decode(v, tensors))
+
+
+def run_fingerprint(recipe: Recipe, model: torch.nn.Module, data) -> dict:
+    """What a run is made from: the recipe text, the model's starting weights, the training data."""
+    return {"recipe": ckpt_.text_digest(recipe.source or repr(recipe.stages)),
+            "model": ckpt_.model_digest(model),
+            "data": ckpt_.data_digest(data)}
+
+
+def save_compress_checkpoint(path, net, model, passes, done, error_before, fingerprint) -> None:
+    tensors: dict = {}
+    state = {"format": ckpt_.FORMAT, "fingerprint": fingerprint, "done": list(done), "error_before": error_before,
+             "net": ckpt_.network_record(net, tensors),
+             "passes": [pass_state(p, tensors) for p in passes],
+             "model": None if model is net else {k: v.detach().clone() for k, v in model.state_dict().items()},
+             "tensors": tensors}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_compress_checkpoint(path, net, model, passes, fingerprint):
+    """Restore net (and `model`), the passes' state; returns (done, error_before). Refuses a mismatch."""
+    state = ckpt_.load_checkpoint(path)
+    if state.get("format") != ckpt_.FORMAT:
+        raise ckpt_.CheckpointError(f"checkpoint {path} is not a {ckpt_.FORMAT} file; delete it to start over")
+    ckpt_.check_fingerprint(state.get("fingerprint"), fingerprint, path)
+    try:
+        tensors = state["tensors"]
+        if len(state["passes"]) != len(passes):
+            raise ckpt_.CheckpointError(f"checkpoint {path} has {len(state['passes'])} stages, the recipe {len(passes)}")
+        import copy
+
+        fresh = copy.deepcopy(net)
+        ckpt_.restore_network(net, state["net"], tensors)
+        for p, ps in zip(passes, state["passes"]):
+            restore_pass_state(p, ps, tensors, fresh)
+        if model is not net:
+            model.load_state_dict(state["model"])
+        return tuple(state["done"]), state["error_before"]
+    except ckpt_.CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ckpt_.CheckpointError(f"checkpoint {path} does not fit this run ({first[:160]}); "
+                                    f"delete it to start over") from None
 
 
 def round_seed(seed: int, stage: int, rnd: int) -> int:
@@ -93,20 +161,17 @@ def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = 
     torchrun, else where the model is). The network is returned on the device it came on.
     """
     model = net if model is None else model
+    from .accuracy import validate_for_data
+
+    data = validate_for_data(net, data, recipe.dataset)  # samples shaped for the model, or a DataError now
     train_x, train_y, test_x, test_y = data if data is not None else (None,) * 4
     home, dev = _param_device(model), _run_device(model, device)
     # Resolve every stage's layers up front, so a bad layer name fails before any training.
     passes = [stage.make_pass(net) for stage in recipe.stages]
     done = (-1, -1)  # last finished (stage, round); round == rounds means finish() ran
+    fingerprint = run_fingerprint(recipe, model, data) if checkpoint else None
     if resume and checkpoint and Path(checkpoint).exists():
-        state = load_checkpoint(checkpoint)
-        passes, done = state["passes"], tuple(state["done"])
-        if model is net:
-            net = model = state["net"]
-        else:  # the user's module: its compressed layers from the checkpoint, then all its weights
-            _restore_layers(net, state["net"])
-            model.load_state_dict(state["model"])
-        error_before = state["error_before"]
+        done, error_before = load_compress_checkpoint(checkpoint, net, model, passes, fingerprint)
         log.info("resuming after stage %d round %d", done[0] + 1, done[1] + 1)
         _to(dev, net, model)
     else:
@@ -135,9 +200,7 @@ def compress_network(net, recipe: Recipe, data, checkpoint: str | Path | None = 
             dist_.sync_module_state(net, f"network after {p.name} stage {si + 1} "
                                          f"{'finish' if r == p.rounds else f'round {r + 1}'}")
             if checkpoint and dist_.is_main():
-                with atomic_path(checkpoint) as tmp:
-                    torch.save({"net": net, "passes": passes, "done": (si, r), "error_before": error_before,
-                                "model": model.state_dict() if model is not net else None}, tmp)
+                save_compress_checkpoint(checkpoint, net, model, passes, (si, r), error_before, fingerprint)
     error_after = evaluate(model, test_x, test_y) if test_x is not None else None
     _to(home, net, model)
     lines = [line for p in passes for line in p.summary(net)]

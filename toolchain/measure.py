@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .runtime import CUSTOM_DOMAIN, load_onnx, make_session
+from .runtime import CUSTOM_DOMAIN, load_onnx, make_session, run
 
 # Nodes counted as layers, and which input holds the weight (None: custom layout, see _custom_weight).
 LAYER_OPS = {("", "Conv"): 1, ("", "Gemm"): 1, ("", "MatMul"): 1, ("", "ConvTranspose"): 1}
@@ -99,7 +99,7 @@ def _evaluate_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.n
     )
     sub_model = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     sess = make_session(sub_model, optimize=False)
-    out = dict(zip(todo, sess.run(todo, {})))
+    out = dict(zip(todo, run(sess, {}, todo)))
     out.update(direct)
     return out
 
@@ -225,7 +225,7 @@ def _output_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
         dtype = np.float32 if "float" in i.type else np.int64
         feeds[i.name] = np.zeros(shape, dtype)
-    outs = sess.run(names, feeds)
+    outs = run(sess, feeds, names)
     return {nm: o.shape for nm, o in zip(names, outs)}
 
 
@@ -244,7 +244,7 @@ def format_table(stats: list[LayerStats], totals: dict, baseline: dict | None = 
     if baseline:
         lines.append(f"vs dense: {baseline['nnz'] / max(t['nnz'], 1):.1f}x fewer non-zero weights (as computed), "
                      f"{baseline['stored_bytes'] / max(t['stored_bytes'], 1):.1f}x fewer stored bytes, "
-                     f"{baseline['file_bytes'] / t['file_bytes']:.1f}x smaller file")
+                     f"{baseline['file_bytes'] / max(t['file_bytes'], 1):.1f}x smaller file")
     return "\n".join(lines)
 
 
@@ -260,14 +260,15 @@ def format_comparison(before: tuple[list[LayerStats], dict], after: tuple[list[L
         if a is None:
             rows.append(f"| {s.name} | {s.params:,} | (replaced) | | {s.macs_dense:,} | | | |")
             continue
-        rows.append(f"| {s.name} | {s.params:,} | {a.nnz:,} | {100 * a.nnz / s.params:.1f}% | {s.macs_dense:,} | "
+        rows.append(f"| {s.name} | {s.params:,} | {a.nnz:,} | {100 * a.nnz / max(s.params, 1):.1f}% | {s.macs_dense:,} | "
                     f"{a.macs:,} | {100 * a.macs / max(s.macs_dense, 1):.1f}% | {a.stored_bytes:,} |")
-    rows.append(f"| **total** | {b_tot['params']:,} | {a_tot['nnz']:,} | {100 * a_tot['nnz'] / b_tot['params']:.2f}% | "
+    kept = f"{100 * a_tot['nnz'] / b_tot['params']:.2f}%" if b_tot["params"] else "n/a (no weights)"
+    rows.append(f"| **total** | {b_tot['params']:,} | {a_tot['nnz']:,} | {kept} | "
                 f"{b_tot['macs_dense']:,} | {a_tot['macs']:,} | {100 * a_tot['macs'] / max(b_tot['macs_dense'], 1):.1f}% | "
                 f"{a_tot['stored_bytes']:,} |")
     rows.append("")
     rows.append(f"compression: {b_tot['params'] / max(a_tot['nnz'], 1):.1f}x fewer non-zero parameters (as computed), "
                 f"{b_tot['stored_bytes'] / max(a_tot['stored_bytes'], 1):.1f}x fewer stored bytes; "
                 f"file {b_tot['file_bytes']:,} -> {a_tot['file_bytes']:,} bytes "
-                f"({b_tot['file_bytes'] / a_tot['file_bytes']:.1f}x smaller)")
+                f"({b_tot['file_bytes'] / max(a_tot['file_bytes'], 1):.1f}x smaller)")
     return "\n".join(rows)

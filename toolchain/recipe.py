@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +37,46 @@ from converters.ir import safe_key
 
 from .errors import RecipeError
 from .methods import CompressionPass, get_pass
+from .options import check_table, declare_rules, describe_rules, field_docs, field_types, option, type_name
 from .train import TrainConfig
 
 TOP_KEYS = {"seed", "dataset", "stage", "description"}
 STAGE_KEYS = {"pass", "only", "layers", "retrain", "retrain_final"}
+SEED_RANGE = "[0, 2^32)"
+
+# The retraining settings' allowed values (TrainConfig lives with the training loop).
+declare_rules(
+    TrainConfig,
+    epochs={"range": "[0, 10000]"},
+    batch_size={"range": "[1, 2^20]", "doc": "samples per SGD step (the global batch when data-parallel)"},
+    lr={"range": "[0, inf)", "doc": "base learning rate of SGD (scaled by lr_policy)"},
+    momentum={"range": "[0, 1)", "doc": "SGD momentum"},
+    weight_decay={"range": "[0, 1]"},
+    l1={"range": "[0, 1]"},
+    lr_policy={"choices": ("cosine", "step", "fixed", "inv")},
+    augment_shift={"range": "[0, 64]"},
+    seed={"range": SEED_RANGE, "doc": "data order, augmentation and dropout (default: the recipe's seed)"},
+    distill_temperature={"range": "[0, 1000]"},
+    distill_weight={"range": "[0, 1]"},
+    clip_grad_norm={"range": "[0, inf)"},
+)
+
+
+@dataclass
+class RecipeTop:
+    """The recipe's top-level keys (besides [[stage]] tables)."""
+
+    seed: int = option(0, SEED_RANGE)  # seeds every stage's rounds and retraining (and default pass seeds)
+    dataset: str = option("mnist", choices=("mnist", "imagenet"))  # the data set retrained and evaluated on
+    description: str = ""  # free text, recorded in exported files
+
+
+@dataclass
+class StageKeys:
+    """The keys of a [[stage]] table besides its pass's options."""
+
+    pass_: str = option("", doc="the compression pass (a registered method: prune, lowrank, hashed, ...)")
+    only: str = option("all", choices=("all", "conv", "fc"))  # which layer kinds the stage compresses
 
 
 @dataclass
@@ -83,6 +120,11 @@ class Recipe:
     def from_dict(cls, tables: dict, name: str = "<recipe>") -> "Recipe":
         return recipe_from_dict(tables, name)
 
+    @staticmethod
+    def reference() -> str:
+        """The reference of every recipe key (Markdown: docs/recipes.md), generated from the option classes."""
+        return reference_markdown()
+
 
 def build_dataclass(cls, table: dict, where: str):
     """Instantiate dataclass `cls` from a recipe table; unknown keys and bad values are RecipeErrors."""
@@ -94,6 +136,7 @@ def build_dataclass(cls, table: dict, where: str):
             allowed = ", ".join(sorted(names)) or "none"
             raise RecipeError(f"{where}: unknown key {k!r} (allowed: {allowed})")
     try:
+        check_table(cls, table, "")  # types and ranges from the field declarations (toolchain.options)
         return cls(**table)
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{where}: {e}") from None
@@ -117,14 +160,19 @@ def recipe_from_dict(data: dict, path: str = "<recipe>") -> Recipe:
     stages_raw = data.get("stage", [])
     if not isinstance(stages_raw, list) or not stages_raw:
         raise RecipeError(f"{path}: a recipe needs at least one [[stage]]")
-    recipe = Recipe(path=path, seed=int(data.get("seed", 0)), dataset=str(data.get("dataset", "mnist")),
-                    description=str(data.get("description", "")))
-    if recipe.dataset not in ("mnist", "imagenet"):
-        raise RecipeError(f"{path}: unknown dataset {recipe.dataset!r} (mnist, imagenet)")
+    top = build_dataclass(RecipeTop, {k: v for k, v in data.items() if k != "stage"}, path)
+    recipe = Recipe(path=path, seed=top.seed, dataset=top.dataset, description=top.description)
     for i, st in enumerate(stages_raw):
         where = f"{path}: stage {i + 1}"
+        if not isinstance(st, dict):
+            raise RecipeError(f"{where}: a [[stage]] is a table, not {type(st).__name__}")
         if "pass" not in st:
             raise RecipeError(f"{where}: missing key 'pass'")
+        if not isinstance(st["pass"], str):
+            raise RecipeError(f"{where}: pass must be a string (a method name), not {st['pass']!r}")
+        for key in ("retrain", "retrain_final"):
+            if key in st and not isinstance(st[key], dict):
+                raise RecipeError(f"{where}: [{key}] must be a table, not {type(st[key]).__name__}")
         pass_cls = get_pass(st["pass"])
         where = f"{where} ({st['pass']})"
         opt_table = {k: v for k, v in st.items() if k not in STAGE_KEYS}
@@ -140,9 +188,7 @@ def recipe_from_dict(data: dict, path: str = "<recipe>") -> Recipe:
         final = None
         if "retrain_final" in st:
             final = build_dataclass(TrainConfig, {**retrain_table, **st["retrain_final"]}, f"{where}: retrain_final")
-        only = st.get("only", "all")
-        if only not in ("all", "conv", "fc"):
-            raise RecipeError(f"{where}: only must be 'all', 'conv' or 'fc', not {only!r}")
+        only = build_dataclass(StageKeys, {"only": st.get("only", "all")}, where).only
         recipe.stages.append(Stage(i, pass_cls, options, layers, retrain, only, final))
     for st in recipe.stages:  # methods in an order that cannot compose (e.g. splicing after weight sharing)
         for prev in recipe.stages[: st.index]:
@@ -154,13 +200,33 @@ def recipe_from_dict(data: dict, path: str = "<recipe>") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def read_text_file(path: str | Path, what: str = "recipe") -> str:
+    """A UTF-8 text file's contents; missing, unreadable, a directory, or not UTF-8: one RecipeError."""
     p = Path(path)
     try:
-        text = p.read_text()
+        data = p.read_bytes()
+    except IsADirectoryError:
+        raise RecipeError(f"{what} {p} is a directory, not a file") from None
     except OSError as e:
-        raise RecipeError(f"cannot read recipe {p}: {e.strerror}") from None
-    return parse_recipe(text, str(p))
+        raise RecipeError(f"cannot read {what} {p}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{what} {p} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                          f"save it as UTF-8") from None
+
+
+def load_toml_table(path: str | Path, what: str = "training config") -> dict:
+    """A TOML file as a table (for `toolchain train --config`): errors as one RecipeError."""
+    text = read_text_file(path, what)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    return parse_recipe(read_text_file(path), str(Path(path)))
 
 
 def _kind(module: nn.Module) -> str:
@@ -206,3 +272,71 @@ def resolve_layers(stage: Stage, net: nn.Module) -> dict[str, object]:
         raise RecipeError(f"{where} selects no layer of the model (its layers: {', '.join(layers) or 'none'}; "
                           f"{kinds}); name layers in [stage.layers.NAME] or give [stage.layers.default]")
     return out
+
+
+# ------------------------------------------------------------------ the generated reference (docs/recipes.md)
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        v = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        v = f.default_factory()
+    else:
+        return "(required)"
+    if v is None:
+        return "(none)"
+    if isinstance(v, bool):
+        return f"`{str(v).lower()}`"
+    if isinstance(v, str):
+        return f'`"{v}"`'
+    return f"`{v}`"
+
+
+def _table(cls, rename=None) -> list[str]:
+    rename = rename or {}
+    hints, docs = field_types(cls), field_docs(cls)
+    lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        allowed = describe_rules(cls, f) or "any"
+        doc = docs[f.name].replace("|", "\\|")
+        lines.append(f"| `{rename.get(f.name, f.name)}` | {type_name(hints[f.name])} | {_default(f)} | {allowed} | {doc} |")
+    return lines
+
+
+def reference_markdown() -> str:
+    """docs/recipes.md: every recipe key with its type, default, allowed values and meaning, generated from
+    the option dataclasses (their declared rules and the comments beside the fields)."""
+    from .methods import PASSES
+
+    out = ["# Recipe reference", "",
+           "<!-- GENERATED by `PYTHONPATH=. python tools/recipe_reference.py > docs/recipes.md`; do not edit. -->", "",
+           "Every key a compression recipe (TOML, or the same tables as Python dicts) may hold. Values are "
+           "checked when the recipe is loaded, before any model or data is read: a wrong type (`\"2\"` or `[2]` "
+           "for a number, `2.5` for an integer), NaN or infinity, a value outside its interval, an unknown "
+           "choice or an unknown key is an error naming the key and what it allows. Intervals use `[` / `]` for "
+           "an included bound and `(` / `)` for an excluded one; `2^32` is 4,294,967,296.", "",
+           "## Top level", ""]
+    out += _table(RecipeTop)
+    out += ["", "## `[[stage]]`", "",
+            "Each stage runs one pass for its `rounds` (if the pass has them), retraining after each round. "
+            "Besides the pass's own options (below) a stage holds:", ""]
+    out += _table(StageKeys, {"pass_": "pass"})
+    out += ["| `[stage.layers.NAME]` | table | | a layer of the model, or `default` | that layer's options (the pass's layer options below) |",
+            "| `[stage.retrain]` | table | | retraining keys below | retraining after every round |",
+            "| `[stage.retrain_final]` | table | | retraining keys below | overrides for the last round's retraining |"]
+    for name in sorted(PASSES):
+        cls = PASSES[name]
+        out += ["", f"## pass = \"{name}\"", ""]
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        if doc:
+            out += [doc[0], ""]
+        out += ["Stage options (keys of the `[[stage]]` table):", ""]
+        out += _table(cls.Options) if dataclasses.fields(cls.Options) else ["(none)"]
+        out += ["", "Layer options (keys of `[stage.layers.NAME]` / `[stage.layers.default]`):", ""]
+        out += _table(cls.LayerOptions) if dataclasses.fields(cls.LayerOptions) else ["(none)"]
+        for group in getattr(cls.LayerOptions, "EXCLUSIVE", ()):
+            out += ["", f"Give exactly one of {', '.join(f'`{k}`' for k in group)}; a layer's own table replaces "
+                        f"the default's choice."]
+    out += ["", "## `[stage.retrain]` / `[stage.retrain_final]`", "",
+            "`seed` defaults to the recipe's seed; the driver reseeds every round from (seed, stage, round).", ""]
+    out += _table(TrainConfig)
+    return "\n".join(out) + "\n"

@@ -31,6 +31,8 @@ def load_onnx(src: str | os.PathLike | bytes | onnx.ModelProto, check: bool = Tr
             raise ModelFormatError(f"{label}: not an ONNX model (protobuf parse failed; truncated or wrong format?)") from None
         if not model.graph.node and not model.graph.output:
             raise ModelFormatError(f"{label}: not an ONNX model (no graph)")
+        if not model.graph.output:
+            raise ModelFormatError(f"{label}: the graph has no outputs")
         if not isinstance(src, bytes) and any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer):
             try:
                 onnx.external_data_helper.load_external_data_for_model(model, str(Path(src).parent))
@@ -64,19 +66,44 @@ def session_options(threads: int | None = None, custom_ops: bool = True):
     return so
 
 
-def make_session(src, threads: int | None = None, optimize: bool = True):
-    """An InferenceSession on CPU; registers the toolchain custom-op library if the model needs it."""
+def make_session(src, threads: int | None = None, optimize: bool = True, session_opts=None):
+    """An InferenceSession on CPU; registers the toolchain custom-op library if the model needs it.
+    Any failure to create it (an invalid graph, a missing kernel) is one ModelFormatError line."""
     import onnxruntime as ort
 
     model = src if isinstance(src, onnx.ModelProto) else load_onnx(src, check=False)
-    so = session_options(threads, custom_ops=uses_custom_ops(model))
+    if not model.graph.output:
+        raise ModelFormatError("the model's graph has no outputs")
+    so = session_opts or session_options(threads, custom_ops=uses_custom_ops(model))
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFormatError(f"onnxruntime cannot load the model: {msg}") from None
+        raise ModelFormatError(f"onnxruntime cannot load the model: {_ort_message(e)}") from None
+
+
+def _ort_message(e: Exception) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    for prefix in ("[ONNXRuntimeError] : ",):
+        text = text.replace(prefix, "")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def run(sess, feed: dict, outputs=None) -> list:
+    """sess.run, the ONE place models are run: an onnxruntime failure (a shape that does not fit, a fixed
+    batch size, a bias of the wrong length, a kernel error) becomes one ModelFormatError line."""
+    try:
+        return sess.run(outputs, feed)
+    except Exception as e:  # onnxruntime's Fail / InvalidArgument / RuntimeException
+        shapes = ", ".join(f"{k} {list(getattr(v, 'shape', []))}" for k, v in feed.items())
+        raise ModelFormatError(f"onnxruntime cannot run the model on {shapes}: {_ort_message(e)}") from None
+
+
+def fixed_batch(sess) -> int | None:
+    """The batch size the model's first input hard-codes, or None if it is dynamic."""
+    shape = input_shape(sess)
+    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
 
 
 def input_shape(sess) -> list:
@@ -89,5 +116,5 @@ def run_batched(sess, x: np.ndarray, batch_size: int = 500, progress: bool = Fal
     name = sess.get_inputs()[0].name
     outs = []
     for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
-        outs.append(sess.run(None, {name: x[i : i + batch_size]})[0])
+        outs.append(run(sess, {name: x[i : i + batch_size]})[0])
     return np.concatenate(outs)

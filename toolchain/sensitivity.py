@@ -21,6 +21,9 @@ def sensitivity(net, val_x, val_y, densities=DEFAULT_DENSITIES, layers=None, pro
 
     home, dev = _param_device(net), _run_device(net, device)
     net.to(dev)
+    from .accuracy import fit_network_input
+
+    val_x = fit_network_input(net, val_x, "validation")  # e.g. an MLP on [N, 784] fed [N, 1, 28, 28]
     base = evaluate(net, val_x, val_y)
     names = list(layers or net.layers())
     results = {}

@@ -154,8 +154,11 @@ def autocast(cfg: TrainConfig, dev: torch.device):
 
 def load_checkpoint(path) -> dict:
     """A checkpoint read with every tensor on the CPU, wherever it was written (CPU or any GPU); callers
-    move what they need to their device (load_state_dict copies across devices)."""
-    return torch.load(path, weights_only=False, map_location="cpu")
+    move what they need to their device (load_state_dict copies across devices). Tensors and plain data only
+    (torch.load(weights_only=True): nothing is unpickled); a corrupt file is one CheckpointError."""
+    from .checkpoint import load_checkpoint as load_safely
+
+    return load_safely(path, "training checkpoint")
 
 
 @torch.no_grad()

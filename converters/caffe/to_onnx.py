@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from converters.errors import ModelFormatError
 from converters.fileio import atomic_write_bytes
+from converters.registry import Registry
 
 from .prototxt import Blob, Layer, filter_layers, parse_prototxt, read_caffemodel
 
@@ -350,6 +351,16 @@ class _Converter:
             if layer.name in names:
                 raise ModelFormatError(f"two layers are named {layer.name!r}")
             names.add(layer.name)
+        if not self.net.msg.input and not any(l.type in DATA_LAYERS or l.type == "Input" for l in kept):
+            dropped = [l for l in self.net.layers if (l.type in DATA_LAYERS or l.type == "Input")
+                       and all(l is not k for k in layers)]
+            if dropped:
+                rules = "; ".join(f"{l.name!r} ({l.type}): {' '.join(str(r).split())}"
+                                  for l in dropped for r in list(l.param.include) + list(l.param.exclude))
+                raise ModelFormatError(
+                    f"no input: every data layer is excluded at inference by its include/exclude rules ({rules}); "
+                    "the import uses phase TEST with no stages and level 0: remove the stage/level rules or "
+                    "declare an Input layer")
         self._n_inputs = len(self.net.msg.input) + sum(
             len(layer.tops) if layer.type == "Input" else 1 for layer in kept
             if layer.type == "Input" or layer.type in DATA_LAYERS)
@@ -435,9 +446,10 @@ class _Converter:
 
         handler = None
         if layer.type not in ALIAS_LAYERS:
-            handler = getattr(self, "_" + layer.type.lower(), None)
-            if handler is None or layer.type.lower() not in _SUPPORTED:
-                raise ModelFormatError(f"layer {layer.name!r} has unsupported type {layer.type!r}")
+            handler = CAFFE_LAYERS.get(layer.type)
+            if handler is None:
+                raise ModelFormatError(f"layer {layer.name!r} has unsupported type {layer.type!r} "
+                                       f"(supported: {', '.join(SUPPORTED_LAYERS)})")
         xs = []
         for b in layer.bottoms:
             if b in self.values:
@@ -466,321 +478,360 @@ class _Converter:
             return
 
         outs = [self.value_name(i, layer, t) for t in layer.tops]
-        shapes = handler(layer, xs, outs)
+        shapes = handler(self, layer, xs, outs)
         for top, out, shape in zip(layer.tops, outs, shapes):
             self.values[top] = (out, tuple(shape))
             self.unavailable.pop(top, None)
         self.converted.append((layer.name, layer.type))
 
-    # -- layers (each returns the shapes of its tops) --
+# ------------------------------------------------------------------------------- layer converters
+# One registered function per Caffe layer type: f(converter, layer, inputs [(value, shape)], output names)
+# -> the shapes of the layer's tops. A new Caffe layer type is one more registration here.
+CAFFE_LAYERS: Registry = Registry("caffe layer")
 
-    def _convolution(self, L: Layer, xs, outs):
-        self.arity(L, 1)
-        x, shape = xs[0]
-        cp = L.sub("convolution_param")
-        if cp.axis != 1:
-            raise self.err(L, f"axis {cp.axis} is not supported (only channels at axis 1)")
-        if len(shape) != 4:
-            raise self.err(L, f"only 2-D convolution is supported; input is {_shape_str(shape)}")
-        if not cp.num_output:
-            raise self.err(L, "num_output is missing")
-        kh, kw = _hw(self, L, cp, "kernel", list(cp.kernel_size), None)
-        sh, sw = _hw(self, L, cp, "stride", list(cp.stride), 1)
-        ph, pw = _hw(self, L, cp, "pad", list(cp.pad), 0)
-        dh, dw = _pair(self, L, "dilation", list(cp.dilation), 1)
-        if min(kh, kw, sh, sw, dh, dw) < 1:
-            raise self.err(L, "kernel, stride and dilation must be positive")
-        c, g, n = shape[1], cp.group, cp.num_output
-        if g < 1 or c % g or n % g:
-            raise self.err(L, f"group {g} does not divide input channels {c} and num_output {n}")
-        oh = (shape[2] + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-        ow = (shape[3] + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
-        if oh < 1 or ow < 1:
-            raise self.err(L, f"kernel is larger than the padded input {_shape_str(shape)}")
-        specs = [("weight", (n, c // g, kh, kw), cp.weight_filler if cp.HasField("weight_filler") else None, "xavier")]
-        if cp.bias_term:
-            specs.append(("bias", (n,), cp.bias_filler if cp.HasField("bias_filler") else None, "constant:0"))
-        arrays = self.blobs(L, specs)
-        inputs = [x, self.const(f"{L.name}.weight", arrays[0])]
-        if cp.bias_term:
-            inputs.append(self.const(f"{L.name}.bias", arrays[1]))
-        self.node("Conv", inputs, outs, L.name, kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, ph, pw],
-                  dilations=[dh, dw], group=g)
-        return [(shape[0], n, oh, ow)]
+@CAFFE_LAYERS.register("Convolution")
+def _convolution(cv: "_Converter", L: Layer, xs, outs):
+    cv.arity(L, 1)
+    x, shape = xs[0]
+    cp = L.sub("convolution_param")
+    if cp.axis != 1:
+        raise cv.err(L, f"axis {cp.axis} is not supported (only channels at axis 1)")
+    if len(shape) != 4:
+        raise cv.err(L, f"only 2-D convolution is supported; input is {_shape_str(shape)}")
+    if not cp.num_output:
+        raise cv.err(L, "num_output is missing")
+    kh, kw = _hw(cv, L, cp, "kernel", list(cp.kernel_size), None)
+    sh, sw = _hw(cv, L, cp, "stride", list(cp.stride), 1)
+    ph, pw = _hw(cv, L, cp, "pad", list(cp.pad), 0)
+    dh, dw = _pair(cv, L, "dilation", list(cp.dilation), 1)
+    if min(kh, kw, sh, sw, dh, dw) < 1:
+        raise cv.err(L, "kernel, stride and dilation must be positive")
+    c, g, n = shape[1], cp.group, cp.num_output
+    if g < 1 or c % g or n % g:
+        raise cv.err(L, f"group {g} does not divide input channels {c} and num_output {n}")
+    oh = (shape[2] + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    ow = (shape[3] + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    if oh < 1 or ow < 1:
+        raise cv.err(L, f"kernel is larger than the padded input {_shape_str(shape)}")
+    specs = [("weight", (n, c // g, kh, kw), cp.weight_filler if cp.HasField("weight_filler") else None, "xavier")]
+    if cp.bias_term:
+        specs.append(("bias", (n,), cp.bias_filler if cp.HasField("bias_filler") else None, "constant:0"))
+    arrays = cv.blobs(L, specs)
+    inputs = [x, cv.const(f"{L.name}.weight", arrays[0])]
+    if cp.bias_term:
+        inputs.append(cv.const(f"{L.name}.bias", arrays[1]))
+    cv.node("Conv", inputs, outs, L.name, kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, ph, pw],
+              dilations=[dh, dw], group=g)
+    return [(shape[0], n, oh, ow)]
 
-    def _innerproduct(self, L: Layer, xs, outs):
-        self.arity(L, 1)
-        x, shape = xs[0]
-        ip = L.sub("inner_product_param")
-        if not ip.num_output:
-            raise self.err(L, "num_output is missing")
-        axis = self.axis(L, ip.axis, len(shape))
-        n, k = ip.num_output, _prod(shape[axis:])
-        caffe_shape = (k, n) if ip.transpose else (n, k)
-        specs = [("weight", caffe_shape, ip.weight_filler if ip.HasField("weight_filler") else None, "xavier")]
-        if ip.bias_term:
-            specs.append(("bias", (n,), ip.bias_filler if ip.HasField("bias_filler") else None, "constant:0"))
-        arrays = self.blobs(L, specs)
-        w = arrays[0].T if ip.transpose else arrays[0]  # stored as [out, in] for Gemm(transB=1)
-        inputs = [self.const(f"{L.name}.weight", w)]
-        if ip.bias_term:
-            inputs.append(self.const(f"{L.name}.bias", arrays[1]))
-        if len(shape) > 2:
-            flat = self.tmp(f"{L.name}/flatten")
-            self.node("Flatten", [x], [flat], f"{L.name}/flatten", axis=axis)
-            x = flat
-        out_shape = tuple(shape[:axis]) + (n,)
-        if axis == 1:
-            self.node("Gemm", [x] + inputs, outs, L.name, transB=1)
-        else:
-            y = self.tmp(f"{L.name}/gemm")
-            self.node("Gemm", [x] + inputs, [y], L.name, transB=1)
-            target = self.const(f"{L.name}/shape", [-1] + [int(d) for d in shape[1:axis]] + [n], np.int64)
-            self.node("Reshape", [y, target], outs, f"{L.name}/reshape")
-        return [out_shape]
+@CAFFE_LAYERS.register("InnerProduct")
+def _innerproduct(cv: "_Converter", L: Layer, xs, outs):
+    cv.arity(L, 1)
+    x, shape = xs[0]
+    ip = L.sub("inner_product_param")
+    if not ip.num_output:
+        raise cv.err(L, "num_output is missing")
+    axis = cv.axis(L, ip.axis, len(shape))
+    n, k = ip.num_output, _prod(shape[axis:])
+    caffe_shape = (k, n) if ip.transpose else (n, k)
+    specs = [("weight", caffe_shape, ip.weight_filler if ip.HasField("weight_filler") else None, "xavier")]
+    if ip.bias_term:
+        specs.append(("bias", (n,), ip.bias_filler if ip.HasField("bias_filler") else None, "constant:0"))
+    arrays = cv.blobs(L, specs)
+    w = arrays[0].T if ip.transpose else arrays[0]  # stored as [out, in] for Gemm(transB=1)
+    inputs = [cv.const(f"{L.name}.weight", w)]
+    if ip.bias_term:
+        inputs.append(cv.const(f"{L.name}.bias", arrays[1]))
+    if len(shape) > 2:
+        flat = cv.tmp(f"{L.name}/flatten")
+        cv.node("Flatten", [x], [flat], f"{L.name}/flatten", axis=axis)
+        x = flat
+    out_shape = tuple(shape[:axis]) + (n,)
+    if axis == 1:
+        cv.node("Gemm", [x] + inputs, outs, L.name, transB=1)
+    else:
+        y = cv.tmp(f"{L.name}/gemm")
+        cv.node("Gemm", [x] + inputs, [y], L.name, transB=1)
+        target = cv.const(f"{L.name}/shape", [-1] + [int(d) for d in shape[1:axis]] + [n], np.int64)
+        cv.node("Reshape", [y, target], outs, f"{L.name}/reshape")
+    return [out_shape]
 
-    def _pooling(self, L: Layer, xs, outs):
-        self.arity(L, 1)
-        x, shape = xs[0]
-        if len(shape) != 4:
-            raise self.err(L, f"expects a 4-D input, got {_shape_str(shape)}")
-        pp = L.sub("pooling_param")
-        h, w = shape[2], shape[3]
-        method = {0: "MAX", 1: "AVE", 2: "STOCHASTIC"}[pp.pool]
-        if method == "STOCHASTIC":
-            raise self.err(L, "STOCHASTIC pooling is not supported")
-        if pp.global_pooling:
-            if pp.HasField("kernel_size") or pp.HasField("kernel_h") or pp.HasField("kernel_w"):
-                raise self.err(L, "global_pooling does not take a kernel size")
-            if pp.pad or pp.pad_h or pp.pad_w or pp.stride != 1 or pp.stride_h > 1 or pp.stride_w > 1:
-                raise self.err(L, "global_pooling needs pad 0 and stride 1")
-            op = "GlobalMaxPool" if method == "MAX" else "GlobalAveragePool"
-            self.node(op, [x], outs, L.name)
-            return [(shape[0], shape[1], 1, 1)]
-        if pp.HasField("kernel_size"):
-            if pp.HasField("kernel_h") or pp.HasField("kernel_w"):
-                raise self.err(L, "give kernel_size or kernel_h/kernel_w, not both")
-            kh = kw = pp.kernel_size
-        elif pp.HasField("kernel_h") and pp.HasField("kernel_w"):
-            kh, kw = pp.kernel_h, pp.kernel_w
+@CAFFE_LAYERS.register("Pooling")
+def _pooling(cv: "_Converter", L: Layer, xs, outs):
+    cv.arity(L, 1)
+    x, shape = xs[0]
+    if len(shape) != 4:
+        raise cv.err(L, f"expects a 4-D input, got {_shape_str(shape)}")
+    pp = L.sub("pooling_param")
+    h, w = shape[2], shape[3]
+    method = {0: "MAX", 1: "AVE", 2: "STOCHASTIC"}[pp.pool]
+    if method == "STOCHASTIC":
+        raise cv.err(L, "STOCHASTIC pooling is not supported")
+    if pp.global_pooling:
+        if pp.HasField("kernel_size") or pp.HasField("kernel_h") or pp.HasField("kernel_w"):
+            raise cv.err(L, "global_pooling does not take a kernel size")
+        if pp.pad or pp.pad_h or pp.pad_w or pp.stride != 1 or pp.stride_h > 1 or pp.stride_w > 1:
+            raise cv.err(L, "global_pooling needs pad 0 and stride 1")
+        op = "GlobalMaxPool" if method == "MAX" else "GlobalAveragePool"
+        cv.node(op, [x], outs, L.name)
+        return [(shape[0], shape[1], 1, 1)]
+    if pp.HasField("kernel_size"):
+        if pp.HasField("kernel_h") or pp.HasField("kernel_w"):
+            raise cv.err(L, "give kernel_size or kernel_h/kernel_w, not both")
+        kh = kw = pp.kernel_size
+    elif pp.HasField("kernel_h") and pp.HasField("kernel_w"):
+        kh, kw = pp.kernel_h, pp.kernel_w
+    else:
+        raise cv.err(L, "has no kernel size (kernel_size or kernel_h and kernel_w)")
+    if pp.HasField("pad_h") or pp.HasField("pad_w"):
+        ph, pw = pp.pad_h, pp.pad_w
+    else:
+        ph = pw = pp.pad
+    if pp.HasField("stride_h") or pp.HasField("stride_w"):
+        sh, sw = pp.stride_h, pp.stride_w
+    else:
+        sh = sw = pp.stride
+    if min(kh, kw, sh, sw) < 1:
+        raise cv.err(L, "kernel and stride must be positive")
+    if ph >= kh or pw >= kw:
+        raise cv.err(L, "pad must be smaller than the kernel")
+    ceil_mode = pp.round_mode == 0
+    padded = bool(ph or pw)
+    try:
+        oh = caffe_pool_output_size(h, kh, ph, sh, ceil_mode, padded)
+        ow = caffe_pool_output_size(w, kw, pw, sw, ceil_mode, padded)
+    except ValueError as e:
+        raise cv.err(L, f"{e} (input {_shape_str(shape)})") from None
+    vh, dvh = caffe_pool_windows(h, kh, ph, sh, oh)
+    vw, dvw = caffe_pool_windows(w, kw, pw, sw, ow)
+    if (vh < 1).any() or (vw < 1).any():
+        raise cv.err(L, "a pooling window lies entirely outside the input")
+    # ONNX floor-mode pooling with an explicit end pad reproduces Caffe's output size exactly.
+    eh = max(0, (oh - 1) * sh + kh - h - ph)
+    ew = max(0, (ow - 1) * sw + kw - w - pw)
+    assert (h + ph + eh - kh) // sh + 1 == oh and (w + pw + ew - kw) // sw + 1 == ow
+    attrs = dict(kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, eh, ew])
+    if method == "MAX":
+        # ONNX MaxPool ignores padded positions, as Caffe's max over the clipped window.
+        cv.node("MaxPool", [x], outs, L.name, **attrs)
+    else:
+        # AveragePool(count_include_pad=0) averages the in-image elements; Caffe divides their sum by
+        # the window clipped to the padded image (pads count, the ceil-mode overhang does not).
+        corr = np.outer(vh, vw) / np.outer(dvh, dvw)
+        if np.all(corr == 1.0):
+            cv.node("AveragePool", [x], outs, L.name, count_include_pad=0, **attrs)
         else:
-            raise self.err(L, "has no kernel size (kernel_size or kernel_h and kernel_w)")
-        if pp.HasField("pad_h") or pp.HasField("pad_w"):
-            ph, pw = pp.pad_h, pp.pad_w
-        else:
-            ph = pw = pp.pad
-        if pp.HasField("stride_h") or pp.HasField("stride_w"):
-            sh, sw = pp.stride_h, pp.stride_w
-        else:
-            sh = sw = pp.stride
-        if min(kh, kw, sh, sw) < 1:
-            raise self.err(L, "kernel and stride must be positive")
-        if ph >= kh or pw >= kw:
-            raise self.err(L, "pad must be smaller than the kernel")
-        ceil_mode = pp.round_mode == 0
-        padded = bool(ph or pw)
-        try:
-            oh = caffe_pool_output_size(h, kh, ph, sh, ceil_mode, padded)
-            ow = caffe_pool_output_size(w, kw, pw, sw, ceil_mode, padded)
-        except ValueError as e:
-            raise self.err(L, f"{e} (input {_shape_str(shape)})") from None
-        vh, dvh = caffe_pool_windows(h, kh, ph, sh, oh)
-        vw, dvw = caffe_pool_windows(w, kw, pw, sw, ow)
-        if (vh < 1).any() or (vw < 1).any():
-            raise self.err(L, "a pooling window lies entirely outside the input")
-        # ONNX floor-mode pooling with an explicit end pad reproduces Caffe's output size exactly.
-        eh = max(0, (oh - 1) * sh + kh - h - ph)
-        ew = max(0, (ow - 1) * sw + kw - w - pw)
-        assert (h + ph + eh - kh) // sh + 1 == oh and (w + pw + ew - kw) // sw + 1 == ow
-        attrs = dict(kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, eh, ew])
-        if method == "MAX":
-            # ONNX MaxPool ignores padded positions, as Caffe's max over the clipped window.
-            self.node("MaxPool", [x], outs, L.name, **attrs)
-        else:
-            # AveragePool(count_include_pad=0) averages the in-image elements; Caffe divides their sum by
-            # the window clipped to the padded image (pads count, the ceil-mode overhang does not).
-            corr = np.outer(vh, vw) / np.outer(dvh, dvw)
-            if np.all(corr == 1.0):
-                self.node("AveragePool", [x], outs, L.name, count_include_pad=0, **attrs)
-            else:
-                y = self.tmp(f"{L.name}/mean")
-                self.node("AveragePool", [x], [y], L.name, count_include_pad=0, **attrs)
-                self.node("Mul", [y, self.const(f"{L.name}/divisor_correction", corr)], outs,
-                          f"{L.name}/divisor_correction")
-        return [(shape[0], shape[1], oh, ow)]
+            y = cv.tmp(f"{L.name}/mean")
+            cv.node("AveragePool", [x], [y], L.name, count_include_pad=0, **attrs)
+            cv.node("Mul", [y, cv.const(f"{L.name}/divisor_correction", corr)], outs,
+                      f"{L.name}/divisor_correction")
+    return [(shape[0], shape[1], oh, ow)]
 
-    def _relu(self, L: Layer, xs, outs):
-        self.arity(L, 1)
-        slope = L.sub("relu_param").negative_slope
-        if slope:
-            self.node("LeakyRelu", [xs[0][0]], outs, L.name, alpha=float(slope))
-        else:
-            self.node("Relu", [xs[0][0]], outs, L.name)
-        return [xs[0][1]]
+@CAFFE_LAYERS.register("ReLU")
+def _relu(cv: "_Converter", L: Layer, xs, outs):
+    cv.arity(L, 1)
+    slope = L.sub("relu_param").negative_slope
+    if slope:
+        cv.node("LeakyRelu", [xs[0][0]], outs, L.name, alpha=float(slope))
+    else:
+        cv.node("Relu", [xs[0][0]], outs, L.name)
+    return [xs[0][1]]
 
-    def _lrn(self, L: Layer, xs, outs):
-        self.arity(L, 1)
-        x, shape = xs[0]
-        lp = L.sub("lrn_param")
-        if len(shape) != 4:
-            raise self.err(L, f"expects a 4-D input, got {_shape_str(shape)}")
-        size = lp.local_size
-        if size % 2 != 1:
-            raise self.err(L, f"local_size must be odd, got {size}")
-        if lp.norm_region == 0:  # ACROSS_CHANNELS: x / (k + alpha/n * sum x^2)^beta, as ONNX LRN
-            self.node("LRN", [x], outs, L.name, size=size, alpha=float(lp.alpha), beta=float(lp.beta),
-                      bias=float(lp.k))
-            return [shape]
-        # WITHIN_CHANNEL: Caffe computes x * (1 + alpha * avgpool_n(x^2))^-beta (k is not used), the average
-        # over an n x n window zero-padded by (n-1)/2, always divided by n*n.
-        pad = (size - 1) // 2
-        sq, avg, scaled, base, powed = (self.tmp(f"{L.name}/{s}") for s in ("square", "avg", "scaled", "base", "pow"))
-        self.node("Mul", [x, x], [sq], f"{L.name}/square")
-        self.node("AveragePool", [sq], [avg], f"{L.name}/avg", kernel_shape=[size, size], pads=[pad] * 4,
-                  count_include_pad=1)
-        self.node("Mul", [avg, self.const(f"{L.name}/alpha", np.float32(lp.alpha))], [scaled], f"{L.name}/alpha")
-        self.node("Add", [scaled, self.const(f"{L.name}/one", np.float32(1.0))], [base], f"{L.name}/shift")
-        self.node("Pow", [base, self.const(f"{L.name}/exponent", np.float32(-lp.beta))], [powed], f"{L.name}/pow")
-        self.node("Mul", [x, powed], outs, L.name)
+@CAFFE_LAYERS.register("LRN")
+def _lrn(cv: "_Converter", L: Layer, xs, outs):
+    cv.arity(L, 1)
+    x, shape = xs[0]
+    lp = L.sub("lrn_param")
+    if len(shape) != 4:
+        raise cv.err(L, f"expects a 4-D input, got {_shape_str(shape)}")
+    size = lp.local_size
+    if size % 2 != 1:
+        raise cv.err(L, f"local_size must be odd, got {size}")
+    if lp.norm_region == 0:  # ACROSS_CHANNELS: x / (k + alpha/n * sum x^2)^beta, as ONNX LRN
+        cv.node("LRN", [x], outs, L.name, size=size, alpha=float(lp.alpha), beta=float(lp.beta),
+                  bias=float(lp.k))
         return [shape]
+    # WITHIN_CHANNEL: Caffe computes x * (1 + alpha * avgpool_n(x^2))^-beta (k is not used), the average
+    # over an n x n window zero-padded by (n-1)/2, always divided by n*n.
+    pad = (size - 1) // 2
+    sq, avg, scaled, base, powed = (cv.tmp(f"{L.name}/{s}") for s in ("square", "avg", "scaled", "base", "pow"))
+    cv.node("Mul", [x, x], [sq], f"{L.name}/square")
+    cv.node("AveragePool", [sq], [avg], f"{L.name}/avg", kernel_shape=[size, size], pads=[pad] * 4,
+              count_include_pad=1)
+    cv.node("Mul", [avg, cv.const(f"{L.name}/alpha", np.float32(lp.alpha))], [scaled], f"{L.name}/alpha")
+    cv.node("Add", [scaled, cv.const(f"{L.name}/one", np.float32(1.0))], [base], f"{L.name}/shift")
+    cv.node("Pow", [base, cv.const(f"{L.name}/exponent", np.float32(-lp.beta))], [powed], f"{L.name}/pow")
+    cv.node("Mul", [x, powed], outs, L.name)
+    return [shape]
 
-    def _softmax(self, L: Layer, xs, outs):
-        self.arity(L, 1)
-        axis = self.axis(L, L.sub("softmax_param").axis, len(xs[0][1]))
-        self.node("Softmax", [xs[0][0]], outs, L.name, axis=axis)
-        return [xs[0][1]]
+@CAFFE_LAYERS.register("Softmax")
+def _softmax(cv: "_Converter", L: Layer, xs, outs):
+    cv.arity(L, 1)
+    axis = cv.axis(L, L.sub("softmax_param").axis, len(xs[0][1]))
+    cv.node("Softmax", [xs[0][0]], outs, L.name, axis=axis)
+    return [xs[0][1]]
 
-    def _concat(self, L: Layer, xs, outs):
-        self.arity(L, 1, 1 << 16)
-        cp = L.sub("concat_param")
-        raw = cp.axis if cp.HasField("axis") or not cp.HasField("concat_dim") else cp.concat_dim
-        shapes = [s for _, s in xs]
-        axis = self.axis(L, raw, len(shapes[0]))
-        for s in shapes[1:]:
-            if len(s) != len(shapes[0]) or any(a != b for j, (a, b) in enumerate(zip(s, shapes[0])) if j != axis):
-                raise self.err(L, f"inputs {' and '.join(map(_shape_str, shapes))} differ outside axis {axis}")
-        self.node("Concat", [v for v, _ in xs], outs, L.name, axis=axis)
-        out = list(shapes[0])
-        out[axis] = sum(s[axis] for s in shapes)
-        return [tuple(out)]
+@CAFFE_LAYERS.register("Concat")
+def _concat(cv: "_Converter", L: Layer, xs, outs):
+    cv.arity(L, 1, 1 << 16)
+    cp = L.sub("concat_param")
+    raw = cp.axis if cp.HasField("axis") or not cp.HasField("concat_dim") else cp.concat_dim
+    shapes = [s for _, s in xs]
+    axis = cv.axis(L, raw, len(shapes[0]))
+    for s in shapes[1:]:
+        if len(s) != len(shapes[0]) or any(a != b for j, (a, b) in enumerate(zip(s, shapes[0])) if j != axis):
+            raise cv.err(L, f"inputs {' and '.join(map(_shape_str, shapes))} differ outside axis {axis}")
+    cv.node("Concat", [v for v, _ in xs], outs, L.name, axis=axis)
+    out = list(shapes[0])
+    out[axis] = sum(s[axis] for s in shapes)
+    return [tuple(out)]
 
-    def _eltwise(self, L: Layer, xs, outs):
-        self.arity(L, 2, 1 << 16)
-        ep = L.sub("eltwise_param")
-        shapes = [s for _, s in xs]
-        if any(s != shapes[0] for s in shapes):
-            raise self.err(L, f"inputs must have the same shape, got {' and '.join(map(_shape_str, shapes))}")
-        op = {0: "PROD", 1: "SUM", 2: "MAX"}[ep.operation]
-        coeffs = list(ep.coeff)
-        if coeffs and op != "SUM":
-            raise self.err(L, "coeff is only allowed with operation SUM")
-        if coeffs and len(coeffs) != len(xs):
-            raise self.err(L, f"has {len(coeffs)} coeff for {len(xs)} bottoms")
-        values = [v for v, _ in xs]
-        if op == "SUM":
-            terms = []
-            for k, (v, c) in enumerate(zip(values, coeffs or [1.0] * len(values))):
-                if c != 1.0:
-                    t = self.tmp(f"{L.name}/term{k}")
-                    self.node("Mul", [v, self.const(f"{L.name}/coeff{k}", np.float32(c))], [t], f"{L.name}/coeff{k}")
-                    v = t
-                terms.append(v)
-            self.node("Add" if len(terms) == 2 else "Sum", terms, outs, L.name)
-        elif op == "PROD":
-            acc = values[0]
-            for k, v in enumerate(values[1:], 1):
-                last = k == len(values) - 1
-                out = outs[0] if last else self.tmp(f"{L.name}/prod{k}")
-                self.node("Mul", [acc, v], [out], L.name if last else f"{L.name}/prod{k}")
-                acc = out
-        else:
-            self.node("Max", values, outs, L.name)
-        return [shapes[0]]
+@CAFFE_LAYERS.register("Eltwise")
+def _eltwise(cv: "_Converter", L: Layer, xs, outs):
+    cv.arity(L, 2, 1 << 16)
+    ep = L.sub("eltwise_param")
+    shapes = [s for _, s in xs]
+    if any(s != shapes[0] for s in shapes):
+        raise cv.err(L, f"inputs must have the same shape, got {' and '.join(map(_shape_str, shapes))}")
+    op = {0: "PROD", 1: "SUM", 2: "MAX"}[ep.operation]
+    coeffs = list(ep.coeff)
+    if coeffs and op != "SUM":
+        raise cv.err(L, "coeff is only allowed with operation SUM")
+    if coeffs and len(coeffs) != len(xs):
+        raise cv.err(L, f"has {len(coeffs)} coeff for {len(xs)} bottoms")
+    values = [v for v, _ in xs]
+    if op == "SUM":
+        terms = []
+        for k, (v, c) in enumerate(zip(values, coeffs or [1.0] * len(values))):
+            if c != 1.0:
+                t = cv.tmp(f"{L.name}/term{k}")
+                cv.node("Mul", [v, cv.const(f"{L.name}/coeff{k}", np.float32(c))], [t], f"{L.name}/coeff{k}")
+                v = t
+            terms.append(v)
+        cv.node("Add" if len(terms) == 2 else "Sum", terms, outs, L.name)
+    elif op == "PROD":
+        acc = values[0]
+        for k, v in enumerate(values[1:], 1):
+            last = k == len(values) - 1
+            out = outs[0] if last else cv.tmp(f"{L.name}/prod{k}")
+            cv.node("Mul", [acc, v], [out], L.name if last else f"{L.name}/prod{k}")
+            acc = out
+    else:
+        cv.node("Max", values, outs, L.name)
+    return [shapes[0]]
 
-    def _batchnorm(self, L: Layer, xs, outs):
-        self.arity(L, 1)
-        x, shape = xs[0]
-        if len(shape) < 2:
-            raise self.err(L, f"expects at least a 2-D input, got {_shape_str(shape)}")
-        c = shape[1]
-        bp = L.sub("batch_norm_param")
-        mean, var, factor = self.blobs(L, [("mean", (c,), None, "constant:0"), ("variance", (c,), None, "constant:1"),
-                                           ("scale factor", (1,), None, "constant:1")])
-        # Caffe stores running sums; the statistics are blobs[0] / blobs[2] and blobs[1] / blobs[2].
-        f = 0.0 if factor[0] == 0 else 1.0 / float(factor[0])
-        inputs = [x, self.const(f"{L.name}.weight", np.ones(c, np.float32)),
-                  self.const(f"{L.name}.bias", np.zeros(c, np.float32)),
-                  self.const(f"{L.name}.running_mean", mean * np.float32(f)),
-                  self.const(f"{L.name}.running_var", var * np.float32(f))]
-        self.node("BatchNormalization", inputs, outs, L.name, epsilon=float(bp.eps))
-        return [shape]
+@CAFFE_LAYERS.register("BatchNorm")
+def _batchnorm(cv: "_Converter", L: Layer, xs, outs):
+    cv.arity(L, 1)
+    x, shape = xs[0]
+    if len(shape) < 2:
+        raise cv.err(L, f"expects at least a 2-D input, got {_shape_str(shape)}")
+    c = shape[1]
+    bp = L.sub("batch_norm_param")
+    mean, var, factor = cv.blobs(L, [("mean", (c,), None, "constant:0"), ("variance", (c,), None, "constant:1"),
+                                       ("scale factor", (1,), None, "constant:1")])
+    # Caffe stores running sums; the statistics are blobs[0] / blobs[2] and blobs[1] / blobs[2].
+    f = 0.0 if factor[0] == 0 else 1.0 / float(factor[0])
+    inputs = [x, cv.const(f"{L.name}.weight", np.ones(c, np.float32)),
+              cv.const(f"{L.name}.bias", np.zeros(c, np.float32)),
+              cv.const(f"{L.name}.running_mean", mean * np.float32(f)),
+              cv.const(f"{L.name}.running_var", var * np.float32(f))]
+    cv.node("BatchNormalization", inputs, outs, L.name, epsilon=float(bp.eps))
+    return [shape]
 
-    def _scale(self, L: Layer, xs, outs):
-        self.arity(L, 1, 2)
-        x, shape = xs[0]
-        sp = L.sub("scale_param")
-        rank = len(shape)
-        if len(xs) == 2:
-            s_value, s_shape = xs[1]
-            axis = sp.axis + rank if sp.axis < 0 else sp.axis
-            if not 0 <= axis <= rank - len(s_shape) or tuple(shape[axis:axis + len(s_shape)]) != tuple(s_shape):
-                raise self.err(L, f"scale {_shape_str(s_shape)} does not fit input {_shape_str(shape)} "
-                                  f"at axis {sp.axis}")
-            trailing = rank - axis - len(s_shape)
-            if trailing:
-                u = self.tmp(f"{L.name}/unsqueeze")
-                axes = self.const(f"{L.name}/axes", list(range(len(s_shape), len(s_shape) + trailing)), np.int64)
-                self.node("Unsqueeze", [s_value, axes], [u], f"{L.name}/unsqueeze")
-                s_value = u
-            pshape = tuple(s_shape)
-            bshape = pshape + (1,) * trailing
-        else:
-            axis = self.axis(L, sp.axis, rank)
-            num_axes = rank - axis if sp.num_axes == -1 else sp.num_axes
-            if num_axes < 0 or axis + num_axes > rank:
-                raise self.err(L, f"num_axes {sp.num_axes} does not fit a {rank}-D input at axis {axis}")
-            pshape = tuple(shape[axis:axis + num_axes])
-            bshape = pshape + (1,) * (rank - axis - num_axes)
-        specs = []
-        if len(xs) == 1:
-            specs.append(("scale", pshape, sp.filler if sp.HasField("filler") else None, "constant:1"))
-        if sp.bias_term:
-            if any(not isinstance(d, int) for d in pshape):
-                raise self.err(L, "a learned bias over the batch axis is not supported")
-            specs.append(("bias", pshape, sp.bias_filler if sp.HasField("bias_filler") else None, "constant:0"))
-        arrays = self.blobs(L, specs)
-        if len(xs) == 1:
-            s_value = self.const(f"{L.name}.weight", arrays[0].reshape(bshape))
-        if sp.bias_term:
-            y = self.tmp(f"{L.name}/scaled")
-            self.node("Mul", [x, s_value], [y], f"{L.name}/scale")
-            self.node("Add", [y, self.const(f"{L.name}.bias", arrays[-1].reshape(bshape))], outs, L.name)
-        else:
-            self.node("Mul", [x, s_value], outs, L.name)
-        return [shape]
+@CAFFE_LAYERS.register("Scale")
+def _scale(cv: "_Converter", L: Layer, xs, outs):
+    cv.arity(L, 1, 2)
+    x, shape = xs[0]
+    sp = L.sub("scale_param")
+    rank = len(shape)
+    if len(xs) == 2:
+        s_value, s_shape = xs[1]
+        axis = sp.axis + rank if sp.axis < 0 else sp.axis
+        if not 0 <= axis <= rank - len(s_shape) or tuple(shape[axis:axis + len(s_shape)]) != tuple(s_shape):
+            raise cv.err(L, f"scale {_shape_str(s_shape)} does not fit input {_shape_str(shape)} "
+                              f"at axis {sp.axis}")
+        trailing = rank - axis - len(s_shape)
+        if trailing:
+            u = cv.tmp(f"{L.name}/unsqueeze")
+            axes = cv.const(f"{L.name}/axes", list(range(len(s_shape), len(s_shape) + trailing)), np.int64)
+            cv.node("Unsqueeze", [s_value, axes], [u], f"{L.name}/unsqueeze")
+            s_value = u
+        pshape = tuple(s_shape)
+        bshape = pshape + (1,) * trailing
+    else:
+        axis = cv.axis(L, sp.axis, rank)
+        num_axes = rank - axis if sp.num_axes == -1 else sp.num_axes
+        if num_axes < 0 or axis + num_axes > rank:
+            raise cv.err(L, f"num_axes {sp.num_axes} does not fit a {rank}-D input at axis {axis}")
+        pshape = tuple(shape[axis:axis + num_axes])
+        bshape = pshape + (1,) * (rank - axis - num_axes)
+    specs = []
+    if len(xs) == 1:
+        specs.append(("scale", pshape, sp.filler if sp.HasField("filler") else None, "constant:1"))
+    if sp.bias_term:
+        if any(not isinstance(d, int) for d in pshape):
+            raise cv.err(L, "a learned bias over the batch axis is not supported")
+        specs.append(("bias", pshape, sp.bias_filler if sp.HasField("bias_filler") else None, "constant:0"))
+    arrays = cv.blobs(L, specs)
+    if len(xs) == 1:
+        s_value = cv.const(f"{L.name}.weight", arrays[0].reshape(bshape))
+    if sp.bias_term:
+        y = cv.tmp(f"{L.name}/scaled")
+        cv.node("Mul", [x, s_value], [y], f"{L.name}/scale")
+        cv.node("Add", [y, cv.const(f"{L.name}.bias", arrays[-1].reshape(bshape))], outs, L.name)
+    else:
+        cv.node("Mul", [x, s_value], outs, L.name)
+    return [shape]
 
-    def _flatten(self, L: Layer, xs, outs):
-        self.arity(L, 1)
-        x, shape = xs[0]
-        fp = L.sub("flatten_param")
-        rank = len(shape)
-        axis = self.axis(L, fp.axis, rank)
-        end = fp.end_axis + rank if fp.end_axis < 0 else fp.end_axis
-        if not axis <= end < rank:
-            raise self.err(L, f"end_axis {fp.end_axis} is out of range for axis {fp.axis} of a {rank}-D input")
-        out = tuple(shape[:axis]) + (_prod(shape[axis:end + 1]),) + tuple(shape[end + 1:])
-        if axis == 1 and end == rank - 1:
-            self.node("Flatten", [x], outs, L.name, axis=1)
-        else:
-            target = self.const(f"{L.name}/shape", [0] * axis + [-1] + [int(d) for d in shape[end + 1:]], np.int64)
-            self.node("Reshape", [x, target], outs, L.name)
-        return [out]
+@CAFFE_LAYERS.register("Flatten")
+def _flatten(cv: "_Converter", L: Layer, xs, outs):
+    cv.arity(L, 1)
+    x, shape = xs[0]
+    fp = L.sub("flatten_param")
+    rank = len(shape)
+    axis = cv.axis(L, fp.axis, rank)
+    end = fp.end_axis + rank if fp.end_axis < 0 else fp.end_axis
+    if not axis <= end < rank:
+        raise cv.err(L, f"end_axis {fp.end_axis} is out of range for axis {fp.axis} of a {rank}-D input")
+    out = tuple(shape[:axis]) + (_prod(shape[axis:end + 1]),) + tuple(shape[end + 1:])
+    if axis == 1 and end == rank - 1:
+        cv.node("Flatten", [x], outs, L.name, axis=1)
+    else:
+        target = cv.const(f"{L.name}/shape", [0] * axis + [-1] + [int(d) for d in shape[end + 1:]], np.int64)
+        cv.node("Reshape", [x, target], outs, L.name)
+    return [out]
+
+@CAFFE_LAYERS.register("Sigmoid")
+def _sigmoid(cv: "_Converter", L: Layer, xs, outs):
+    cv.arity(L, 1)
+    cv.node("Sigmoid", [xs[0][0]], outs, L.name)
+    return [xs[0][1]]
 
 
-_SUPPORTED = {"convolution", "innerproduct", "pooling", "relu", "lrn", "softmax", "concat", "eltwise",
-              "batchnorm", "scale", "flatten"}
-SUPPORTED_LAYERS = sorted(["Convolution", "InnerProduct", "Pooling", "ReLU", "LRN", "Softmax", "Concat", "Eltwise",
-                           "BatchNorm", "Scale", "Flatten", "Dropout", "Split", "Input"] + sorted(DATA_LAYERS))
+@CAFFE_LAYERS.register("TanH")
+def _tanh(cv: "_Converter", L: Layer, xs, outs):
+    cv.arity(L, 1)
+    cv.node("Tanh", [xs[0][0]], outs, L.name)
+    return [xs[0][1]]
+
+
+@CAFFE_LAYERS.register("PReLU")
+def _prelu(cv: "_Converter", L: Layer, xs, outs):
+    """Caffe PReLU: y = max(0, x) + a * min(0, x), a per channel (axis 1) or one shared value."""
+    cv.arity(L, 1)
+    x, shape = xs[0]
+    pp = L.sub("prelu_param")
+    if len(shape) < 2:
+        raise cv.err(L, f"needs an input with a channel axis, not shape {list(shape)}")
+    n = 1 if pp.channel_shared else int(shape[1])
+    slope = cv.blobs(L, [("slope", (n,), pp.filler if pp.HasField("filler") else None, "constant:0.25")])[0]
+    slope = slope.reshape((n,) + (1,) * (len(shape) - 2)) if not pp.channel_shared else slope.reshape(())
+    cv.node("PRelu", [x, cv.const(f"{L.name}.slope", slope.astype(np.float32))], outs, L.name)
+    return [shape]
+
+
+SUPPORTED_LAYERS = sorted(list(CAFFE_LAYERS) + ["Dropout", "Split", "Input"] + sorted(DATA_LAYERS))
 
 
 def _pair(conv, layer, what, values, default):

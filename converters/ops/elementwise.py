@@ -1,5 +1,5 @@
 """Element-wise ops and activations: Add/Sub/Mul/Div/Pow/Mod and comparisons, Where, Max/Min/Sum/Mean,
-unary math, Relu/Sigmoid/Tanh/LeakyRelu/Elu, Clip, Softmax/LogSoftmax."""
+unary math, Relu/Sigmoid/Tanh/LeakyRelu/PRelu/Elu, Clip, Softmax/LogSoftmax."""
 from __future__ import annotations
 
 import math
@@ -161,6 +161,14 @@ def emit_unary(ctx, name, m, inputs, outputs):
 
 
 register_plain_op("Relu", nn.ReLU)
+class PRelu(nn.Module):
+    """ONNX PRelu: y = x if x >= 0 else slope * x, slope broadcast to x (a constant input)."""
+
+    def forward(self, x, slope):
+        return torch.where(x >= 0, x, x * slope)
+
+
+register_plain_op("PRelu", PRelu)
 register_plain_op("Sigmoid", nn.Sigmoid)
 register_plain_op("Tanh", nn.Tanh)
 register_converter("LeakyRelu")(lambda node, ctx: nn.LeakyReLU(float(node.attrs.get("alpha", 0.01))))

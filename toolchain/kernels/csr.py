@@ -61,12 +61,37 @@ def dense_to_csr(w2d: np.ndarray, index_dtype=None) -> tuple[np.ndarray, np.ndar
     return values, col_idx, row_ptr
 
 
+def validate_csr(values, col_idx, row_ptr, n_cols: int, where: str = "CSR weight") -> tuple:
+    """THE check of a CSR triple, for every Python reader of the fast form (the SparseLinear / SparseConv
+    importer, csr_to_dense): 1-D arrays, as many values as column indices, row_ptr from 0 to nnz and
+    non-decreasing, every column index in [0, n_cols) (a negative index is an error, never wrapped),
+    integer index types. Returns (values float32, col_idx int64, row_ptr int64)."""
+    values, col_idx, row_ptr = (np.asarray(a) for a in (values, col_idx, row_ptr))
+    if values.ndim != 1 or col_idx.ndim != 1 or row_ptr.ndim != 1:
+        raise ModelFormatError(f"{where}: values, col_idx and row_ptr must be 1-D")
+    if col_idx.dtype.kind not in "iu" or row_ptr.dtype.kind not in "iu":
+        raise ModelFormatError(f"{where}: col_idx and row_ptr must be integer arrays")
+    if len(row_ptr) < 1:
+        raise ModelFormatError(f"{where}: row_ptr is empty")
+    if len(values) != len(col_idx):
+        raise ModelFormatError(f"{where}: {len(values)} values but {len(col_idx)} column indices")
+    rp = row_ptr.astype(np.int64)
+    if rp[0] != 0 or rp[-1] != len(values) or np.any(np.diff(rp) < 0):
+        raise ModelFormatError(f"{where}: row_ptr must rise from 0 to the {len(values)} non-zeros")
+    ci = col_idx.astype(np.int64)
+    if ci.size and (ci.min() < 0 or ci.max() >= n_cols):
+        bad = int(ci.min()) if ci.min() < 0 else int(ci.max())
+        raise ModelFormatError(f"{where}: column index {bad} is outside [0, {n_cols})")
+    return values.astype(np.float32, copy=False), ci, rp
+
+
 def csr_to_dense(values: np.ndarray, col_idx: np.ndarray, row_ptr: np.ndarray, n_cols: int) -> np.ndarray:
     """Dense [M, n_cols] float32 matrix of a CSR triple (duplicates are summed)."""
+    values, col_idx, row_ptr = validate_csr(values, col_idx, row_ptr, n_cols)
     m = len(row_ptr) - 1
     out = np.zeros((m, n_cols), dtype=np.float32)
-    rows = np.repeat(np.arange(m), np.diff(row_ptr.astype(np.int64)))
-    np.add.at(out, (rows, col_idx.astype(np.int64)), values.astype(np.float32))
+    rows = np.repeat(np.arange(m), np.diff(row_ptr))
+    np.add.at(out, (rows, col_idx), values)
     return out
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ...options import option
 from ..base import CompressionPass, register_pass
 from ..prune.layers import _Masked, masked_from_dense
 from ..prune.surgery import remove_dead_units
@@ -22,10 +23,10 @@ from ..prune.surgery import remove_dead_units
 
 @dataclass
 class GlobalPruneOptions:
-    sparsity: float = 0.9  # s_f: fraction of the selected weights set to zero at the end, in (0, 1)
-    initial_sparsity: float = 0.0  # s_i
-    rounds: int = 1  # n
-    normalize: str = "none"  # "none": |w|; "std": |w| / std of the layer's surviving weights
+    sparsity: float = option(0.9, "(0, 1)")  # s_f: fraction of the selected weights set to zero at the end, in (0, 1)
+    initial_sparsity: float = option(0.0, "[0, 1)")  # s_i
+    rounds: int = option(1, "[1, 1000]")  # n
+    normalize: str = option("none", choices=("none", "std"))  # "none": |w|; "std": |w| / std of the layer's surviving weights
     remove_dead_neurons: bool = True
 
     def __post_init__(self):

@@ -20,18 +20,19 @@ import torch.nn as nn
 from .layers import HashedLinear
 from ..prune.layers import _Masked, masked_from_dense
 from ..base import CompressionPass, register_pass
+from ...options import option
 from ..lowrank.passes import layer_seed
 
 
 @dataclass
 class RandomEdgesOptions:
-    seed: int = 0
+    seed: int = option(0, "[0, 2^32)")  # which connections are kept
 
 
 @dataclass
 class RandomEdgesLayerOptions:
-    density: float = 0.125  # fraction of connections kept, in (0, 1]
-    init: str = "keep"  # "keep": surviving trained weights; "random": re-initialise (train from scratch)
+    density: float = option(0.125, "(0, 1]")  # fraction of connections kept
+    init: str = option("keep", choices=("keep", "random"))  # "keep": surviving trained weights; "random": re-initialise (train from scratch)
 
     def __post_init__(self):
         if not (0 < self.density <= 1):

@@ -17,12 +17,13 @@ from ...errors import RecipeError
 from .layers import MAX_VIRTUAL, _Hashed, buckets_for, dense_weight_count, hashed_from_dense
 from ...train import TrainHooks
 from ..base import CompressionPass, register_pass
+from ...options import option
 from ..lowrank.passes import frozen_copy, layer_seed
 
 
 @dataclass
 class HashedOptions:
-    seed: int = 0  # per-layer hash seeds derive from this and the layer name
+    seed: int = option(0, "[0, 2^32)")  # per-layer hash seeds derive from this and the layer name
     teacher: bool = True  # keep the incoming network as the distillation teacher
 
     def __post_init__(self):
@@ -32,10 +33,10 @@ class HashedOptions:
 
 @dataclass
 class HashedLayerOptions:
-    compression: float | None = None  # K / virtual weights, in (0, 1]
-    buckets: int | None = None  # K directly
-    init: str = "random"  # "random" (from scratch) or "dense" (bucket means of the trained weights)
-    seed: int | None = None  # this layer's hash seed (default: from the pass seed and layer name)
+    compression: float | None = option(None, "(0, 1]")  # K / virtual weights; exclusive with buckets
+    buckets: int | None = option(None, "[1, 2^31)")  # K (real weights) directly; exclusive with compression
+    init: str = option("random", choices=("random", "dense"))  # "random" (from scratch) or "dense" (bucket means of the trained weights)
+    seed: int | None = option(None, "[0, 2^32)")  # this layer's hash seed (default: from the pass seed and layer name)
     sign: bool = True  # the sign hash xi (False: V = w[h(i, j)])
 
     def __post_init__(self):

@@ -38,27 +38,28 @@ from ...train import TrainHooks
 from .layers import (DICTIONARIES, _LowRank, dictionary_factorize, fan_in, make_dictionary, max_rank,
                               random_factors, rank_for_compression, rank_for_energy, svd_factorize)
 from ..base import CompressionPass, register_pass
+from ...options import option
 
 METHODS = ("svd", "denil")
 
 
 @dataclass
 class LowRankOptions:
-    seed: int = 0  # dictionary atoms, column subsets and random inits
+    seed: int = option(0, "[0, 2^32)")  # dictionary atoms, column subsets and random inits
     teacher: bool = False  # keep the incoming network as the distillation teacher for fine-tuning
 
 
 @dataclass
 class LowRankLayerOptions:
-    method: str = "svd"
-    rank: int | None = None  # SVD: the rank; denil: the dictionary size n_alpha
-    compression: float | None = None  # in (0, 1]: svd: stored weights / dense; denil: learned / dense
-    energy: float | None = None  # svd only: keep this fraction of the squared singular values
-    dictionary: str | None = None  # denil only: identity | random | kernel (default kernel)
-    columns: int = 1  # denil only: columnar dictionaries over disjoint input subsets
-    init: str = "fit"  # "fit" (from the trained layer) or "random" (from scratch)
-    lengthscale: float = 0.0  # kernel dictionary: SE length scale (input units); 0 = automatic
-    ridge: float = 0.01  # kernel dictionary: the lambda of (K + lambda I)^-1
+    method: str = option("svd", choices=METHODS)  # "svd" (truncated SVD) or "denil" (fixed dictionary, learned coefficients)
+    rank: int | None = option(None, "[1, 2^31)")  # SVD: the rank; denil: the dictionary size n_alpha
+    compression: float | None = option(None, "(0, 1]")  # svd: stored weights / dense; denil: learned / dense
+    energy: float | None = option(None, "(0, 1]")  # svd only: keep this fraction of the squared singular values
+    dictionary: str | None = option(None, choices=DICTIONARIES)  # denil only: identity | random | kernel (default kernel)
+    columns: int = option(1, "[1, 2^31)")  # denil only: columnar dictionaries over disjoint input subsets
+    init: str = option("fit", choices=("fit", "random"))  # "fit" (from the trained layer) or "random" (from scratch)
+    lengthscale: float = option(0.0, "[0, inf)")  # kernel dictionary: SE length scale (input units); 0 = automatic
+    ridge: float = option(0.01, "(0, inf)")  # kernel dictionary: the lambda of (K + lambda I)^-1
     layout: str | list = "auto"  # kernel dictionary: "auto", "none", or [H, W] / [C, H, W] of the inputs
     whiten: bool = True  # kernel dictionary: orthonormal basis of its span (well-conditioned fine-tuning)
 

@@ -25,7 +25,7 @@ from converters.ops.registry import Converted, register_converter, register_emit
 from ...kernels import DOMAIN, OPSET_VERSION
 from ...kernels.csr import dense_to_csr
 from .layers import MaskedConv2d, MaskedLinear, masked_from_dense
-from .sparse_format import encode
+from .sparse_format import encode, validate_csr
 
 # Densities up to which the custom ops beat onnxruntime's dense kernels, with a margin below the
 # measured break-even (SparseLinear ~70-80%, SparseConv ~60%: docs/kernels.md).
@@ -151,13 +151,13 @@ def _dense(node, ctx, n_cols: int) -> tuple[np.ndarray, np.ndarray | None]:
     arrays = [ctx.const(node.input(i)) for i in (1, 2, 3)]
     if any(a is None for a in arrays):
         raise node.error("values, col_idx and row_ptr must be initializers")
-    values, col_idx, row_ptr = (np.asarray(a) for a in arrays)
+    try:
+        values, col_idx, row_ptr = validate_csr(*arrays, n_cols)
+    except ModelFormatError as e:
+        raise node.error(f"inconsistent CSR arrays: {e}") from None
     rows = len(row_ptr) - 1
-    if rows < 0 or len(values) != len(col_idx) or row_ptr[0] != 0 or row_ptr[-1] != len(values) \
-            or np.any(np.diff(row_ptr) < 0) or (len(col_idx) and (col_idx.astype(np.int64).max() >= n_cols or col_idx.astype(np.int64).min() < 0)):
-        raise node.error("inconsistent CSR arrays")
     w = np.zeros((rows, n_cols), np.float32)
-    w[np.repeat(np.arange(rows), np.diff(row_ptr)), col_idx.astype(np.int64)] = values
+    w[np.repeat(np.arange(rows), np.diff(row_ptr)), col_idx] = values
     bias = ctx.const(node.input(4)) if node.input(4) else None
     return w, bias
 

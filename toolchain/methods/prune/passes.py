@@ -16,15 +16,16 @@ import torch.nn as nn
 
 from .layers import _Masked, masked_from_dense
 from ..base import CompressionPass, register_pass
+from ...options import option
 from .surgery import remove_dead_units
 
 
 @dataclass
 class PruneOptions:
-    rounds: int = 1
-    schedule: str = "iterative"  # "iterative": same rule every round; "gradual": cubic ramp to `density`
-    adjust_dropout: bool = True
-    remove_dead_neurons: bool = True
+    rounds: int = option(1, "[1, 1000]")  # prune + retrain rounds
+    schedule: str = option("iterative", choices=("iterative", "gradual"))  # "iterative": same rule every round; "gradual": cubic ramp to `density`
+    adjust_dropout: bool = True  # rescale dropout after each pruned layer: D_r = D_o * sqrt(C_r / C_o)
+    remove_dead_neurons: bool = True  # after the last round, cut out units with no inputs or no outputs
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -35,8 +36,8 @@ class PruneOptions:
 
 @dataclass
 class PruneLayerOptions:
-    quality: float | None = None  # threshold = quality * std(weights)
-    density: float | None = None  # target fraction of weights kept, in (0, 1]
+    quality: float | None = option(None, "[0, 100]")  # threshold = quality * std(weights); exclusive with density
+    density: float | None = option(None, "(0, 1]")  # target fraction of weights kept; exclusive with quality
     EXCLUSIVE = (("quality", "density"),)
 
     def __post_init__(self):
@@ -115,6 +116,7 @@ class PrunePass(CompressionPass):
 
     def summary(self, net: nn.Module) -> list[str]:
         layers = net.layers()
-        lines = [f"{n}: {layers[n].density():.2%} of its remaining weights kept" for n in self.layer_options if n in layers]
+        lines = [f"{n}: {layers[n].density():.2%} of its remaining weights kept" for n in self.layer_options
+                 if n in layers and hasattr(layers[n], "density")]
         lines += [f"{n}: removed {k} dead neurons/channels" for n, k in self.removed.items() if k]
         return lines

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from toolchain.errors import RecipeError
+from toolchain.options import option
 
 from .kmeans import INITS
 from .layers import MAX_BITS, MIN_BITS, _Int8, _Shared, dense_mask, int8_from_dense, shared_from_dense
@@ -34,8 +35,8 @@ METHODS = ("share", "int8")
 
 @dataclass
 class QuantizeOptions:
-    seed: int = 0  # for init = "random"
-    iterations: int = 100  # Lloyd iterations (at most)
+    seed: int = option(0, "[0, 2^32)")  # for init = "random"
+    iterations: int = option(100, "[0, 100000]")  # Lloyd iterations (at most)
 
     def __post_init__(self):
         if not isinstance(self.seed, int) or self.seed < 0:
@@ -46,11 +47,11 @@ class QuantizeOptions:
 
 @dataclass
 class QuantizeLayerOptions:
-    method: str = "share"
-    bits: int = 5
-    init: str = "linear"
-    index_bits: int = 0  # relative-index width in the file, 1..8; 0: the width giving the smallest file
-    bias_bits: int = 32  # 16: store the bias as float16 (share only; training sees the rounded bias)
+    method: str = option("share", choices=METHODS)  # "share": trained weight sharing (k-means codebook); "int8": linear int8
+    bits: int = option(5, f"[{MIN_BITS}, {MAX_BITS}]")  # share: 2^bits shared values per layer
+    init: str = option("linear", choices=INITS)  # share: codebook initialisation
+    index_bits: int = option(0, "[0, 8]")  # relative-index width in the file, 1..8; 0: the width giving the smallest file
+    bias_bits: int = option(32, choices=(16, 32))  # 16: store the bias as float16 (share only; training sees the rounded bias)
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ...options import option
 from ..base import CompressionPass, register_pass
 from ...train import TrainHooks
 from ..prune.surgery import remove_dead_units
@@ -24,13 +25,13 @@ from .layers import _SVD, svd_from_layer, to_masked
 
 @dataclass
 class SparseVDOptions:
-    threshold: float = 3.0  # prune where log alpha > threshold
-    kl_weight: float = 1.0  # final beta of the KL term
-    anneal_steps: int = 0  # linear warm-up of beta from 0 (0: full weight from the start)
-    samples: int = 50000  # N of the ELBO: the KL enters the per-sample loss as KL / N
-    init_log_sigma2: float = -10.0
-    optimizer: str = "adam"  # "adam" (the paper's) or "sgd" (the recipe's Caffe-style SGD)
-    adam_lr: float = 1e-3
+    threshold: float = option(3.0, "[-inf, inf]")  # prune where log alpha > threshold
+    kl_weight: float = option(1.0, "[0, inf]")  # final beta of the KL term
+    anneal_steps: int = option(0, "[0, inf]")  # linear warm-up of beta from 0 (0: full weight from the start)
+    samples: int = option(50000, "[1, inf]")  # N of the ELBO: the KL enters the per-sample loss as KL / N
+    init_log_sigma2: float = option(-10.0, "[-30, 10]")  # initial log sigma^2 of every weight
+    optimizer: str = option("adam", choices=("adam", "sgd"))  # "adam" (the paper's) or "sgd" (the recipe's Caffe-style SGD)
+    adam_lr: float = option(1e-3, "(0, inf]")
     remove_dead_neurons: bool = True
 
     def __post_init__(self):
@@ -44,7 +45,7 @@ class SparseVDOptions:
 
 @dataclass
 class SparseVDLayerOptions:
-    threshold: float | None = None  # this layer's log-alpha threshold (default: the pass's)
+    threshold: float | None = option(None, "[-inf, inf]")  # this layer's log-alpha threshold (default: the pass's)
 
 
 @register_pass("sparse_vd")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ...options import option
 from ..base import CompressionPass, register_pass
 from ...train import TrainHooks
 from ..prune.surgery import remove_dead_units
@@ -21,9 +22,9 @@ from .layers import _Spliced, spliced_from_layer, to_masked
 
 @dataclass
 class SplicingOptions:
-    margin: float = 0.1  # a = (1 - margin) t, b = (1 + margin) t
-    gamma: float = 1e-4  # mask update probability (1 + gamma * iter)^(-power)
-    power: float = 1.0
+    margin: float = option(0.1, "[0, 1)")  # a = (1 - margin) t, b = (1 + margin) t
+    gamma: float = option(1e-4, "[0, inf]")  # mask update probability (1 + gamma * iter)^(-power)
+    power: float = option(1.0, "[0, inf]")
     remove_dead_neurons: bool = True
 
     def __post_init__(self):
@@ -35,7 +36,7 @@ class SplicingOptions:
 
 @dataclass
 class SplicingLayerOptions:
-    crate: float = 1.0  # t = mean|W| + crate * std|W|  (higher: sparser)
+    crate: float = option(1.0, "[-10, 100]")  # t = mean|W| + crate * std|W|  (higher: sparser)
 
     def __post_init__(self):
         if self.crate < -1:

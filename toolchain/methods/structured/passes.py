@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ...options import option
 from ..base import CompressionPass, register_pass
 from ...errors import RecipeError
 from ..prune.surgery import remove_dead_units
@@ -28,8 +29,8 @@ class StructuredOptions:
 
 @dataclass
 class StructuredLayerOptions:
-    keep: float | None = None  # fraction of the layer's channels / neurons kept, in (0, 1]
-    channels: int | None = None  # or: how many are kept (>= 1)
+    keep: float | None = option(None, "(0, 1]")  # fraction of the layer's channels / neurons kept, in (0, 1]
+    channels: int | None = option(None, "[1, inf]")  # or: how many are kept (>= 1)
     EXCLUSIVE = (("keep", "channels"),)
 
     def __post_init__(self):
