@@ -227,7 +227,8 @@ def test_imports_go_one_way():
 # The public face: `toolchain` itself and these modules (documented in README "Python API"); the rest of
 # the package (driver, exporter, train, recipe, runtime, measure, accuracy, api) is internal.
 PUBLIC_MODULES = {"toolchain", "toolchain.methods", "toolchain.methods.prune", "toolchain.methods.lowrank",
-                  "toolchain.methods.hashed", "toolchain.kernels", "toolchain.data", "toolchain.zoo", "toolchain.bench",
+                  "toolchain.methods.hashed", "toolchain.methods.quantize", "toolchain.methods.sparse_vd",
+                  "toolchain.methods.splicing", "toolchain.methods.global_prune", "toolchain.methods.structured", "toolchain.kernels", "toolchain.data", "toolchain.zoo", "toolchain.bench",
                   "toolchain.plots", "toolchain.sensitivity", "toolchain.distributed", "toolchain.cli",
                   "toolchain.errors", "converters", "converters.caffe"}
 

@@ -161,3 +161,16 @@ def test_training_checkpoint_is_loaded_safely(tmp_path):
     ckpt.write_bytes(pickle.dumps({"model": object()}))
     with pytest.raises(CheckpointError):
         train(model, x, y, TrainConfig(epochs=2, batch_size=16), checkpoint=ckpt, resume=True, progress=False)
+
+
+def test_digest_of_a_model_with_scalar_buffers():
+    """A 0-dimensional tensor (AlexNet's input scale, say) digests like any other."""
+    import torch
+
+    from toolchain.checkpoint import model_digest
+
+    m = torch.nn.Linear(2, 2)
+    m.register_buffer("scale", torch.tensor(255.0))
+    d = model_digest(m)
+    m.scale.fill_(1.0)
+    assert model_digest(m) != d

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from toolchain import kernels
 from toolchain.errors import ModelFormatError
 from toolchain.kernels import build as kbuild
-from toolchain.kernels import csr
+from toolchain.methods.prune import csr
 
 
 def _cpu_flags() -> set[str]:

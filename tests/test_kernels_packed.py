@@ -1,4 +1,4 @@
-"""Packed sparse formats (toolchain/kernels/packed.py, SparseLinearCodebook / SparseLinearInt8) and ISA dispatch:
+"""Packed sparse formats (toolchain/methods/quantize/packed.py, SparseLinearCodebook / SparseLinearInt8) and ISA dispatch:
 encoder/decoder round trips, every format x every ISA path of this CPU x a sample of batch sizes against the numpy
 reference decoder, bitwise equality across 1 and 2 threads, and corrupted files (in a subprocess, so a crash in the
 library fails a test instead of killing pytest).
@@ -19,7 +19,8 @@ from onnx import helper, numpy_helper
 from test_kernels import ISAS, assert_close, make_session, random_sparse
 from toolchain import kernels
 from toolchain.errors import ModelFormatError
-from toolchain.kernels import packed
+from toolchain.methods.prune import csr
+from toolchain.methods.quantize import packed
 
 FORMATS = ["codebook4", "codebook8", "int8"]
 BATCHES = [1, 2, 5, 8, 9, 16, 23, 31, 40, 57, 64, 65, 70, 256]
@@ -197,7 +198,7 @@ def test_isa_paths_differ_and_auto_is_widest(lib):
     w = random_sparse(rng, (300, 3000), 0.3)
     x = rng.standard_normal((1, 3000)).astype(np.float32)
     for model in (packed.make_packed_linear_model(packed.encode_int8(w)),
-                  kernels.csr.make_sparse_linear_model(w)):
+                  csr.make_sparse_linear_model(w)):
         out = {isa: make_session(model, lib, isa=isa).run(None, {"X": x})[0] for isa in ISAS}
         for a in ISAS:
             for b in ISAS:

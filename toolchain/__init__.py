@@ -19,7 +19,7 @@ from ._version import __version__  # noqa: E402
 
 # -- the workflow: compress a module, write it as ONNX, read any file back
 from .api import (CompressionResult, ModelInfo, compress, evaluate, export, file_metadata, fit, import_caffe,  # noqa: E402
-                  info, load, read_onnx, session, set_metadata)
+                  info, load, read_onnx, session, set_metadata, train_config)
 from .train import TrainConfig  # noqa: E402
 # -- recipes and the methods they name
 from .methods import CompressionPass, available_passes, register_pass  # noqa: E402
@@ -33,7 +33,7 @@ __all__ = [
     # workflow
     "compress", "export", "load", "CompressionResult", "file_metadata", "set_metadata",
     # measuring, training and importing
-    "evaluate", "info", "ModelInfo", "read_onnx", "session", "fit", "TrainConfig", "import_caffe",
+    "evaluate", "info", "ModelInfo", "read_onnx", "train_config", "session", "fit", "TrainConfig", "import_caffe",
     # recipes and methods
     "Recipe", "CompressionPass", "register_pass", "available_passes",
     # errors

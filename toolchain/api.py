@@ -40,7 +40,8 @@ from .errors import DataError, RecipeError, ToolchainError
 from .exporter import FORMS, export_compressed
 from .recipe import Recipe, load_recipe
 
-__all__ = ["compress", "export", "load", "evaluate", "info", "read_onnx", "session", "fit", "import_caffe", "file_metadata",
+__all__ = ["compress", "export", "load", "evaluate", "info", "read_onnx", "session", "fit", "train_config", "import_caffe",
+           "file_metadata",
            "set_metadata", "CompressionResult", "ModelInfo"]
 
 METADATA_RECIPE = "ai.toolchain.recipe"
@@ -384,13 +385,14 @@ def read_onnx(model: str | os.PathLike | bytes | onnx.ModelProto) -> onnx.ModelP
 
 
 def evaluate(model, data=None, *, dataset: str | None = None, threads: int | None = None, limit: int | None = None,
-             progress: bool = False, batch_size: int = 500):
+             progress: bool = False, batch_size: int = 500, mean=None, std=None):
     """Top-1 error (a fraction) of `model` on a test set.
 
     model: an ONNX path or ModelProto (run in onnxruntime, the custom-op library registered when the
     file needs it; returns an EvalResult with .error, .top5_error, .samples), or a torch module
     (returns the error as a float). data: None for the MNIST test set, a data folder (MNIST IDX files
-    or an ImageNet-style folder), or (inputs, labels) for a torch module.
+    or an ImageNet-style folder), or (inputs, labels) for a torch module. mean / std (numbers, one per
+    channel, or comma-separated text): an ONNX model trained on normalised input gets (x - mean) / std.
     """
     if isinstance(model, nn.Module):
         from .train import evaluate as torch_evaluate
@@ -406,10 +408,17 @@ def evaluate(model, data=None, *, dataset: str | None = None, threads: int | Non
         x, y = _arrays_for(data[0], data[1], tuple(example.shape[1:]) if not isinstance(model, Network) else
                            tuple(d if isinstance(d, int) else 1 for d in model.input_shapes[model.input_names[0]][1:]))
         return torch_evaluate(model, x[:limit] if limit else x, y[:limit] if limit else y, progress=progress)
-    from .accuracy import evaluate_onnx, guess_dataset
+    from .accuracy import evaluate_onnx, guess_dataset, parse_floats
 
+    if isinstance(mean, str):
+        mean = parse_floats(mean, "mean")
+    if isinstance(std, str):
+        std = parse_floats(std, "std")
+    if (mean is None) != (std is None):
+        raise DataError("give --mean and --std together (the input is normalised as (x - mean) / std)")
     dataset = dataset or guess_dataset(model)
-    return evaluate_onnx(model, dataset, data, batch_size=batch_size, threads=threads, progress=progress, limit=limit)
+    return evaluate_onnx(model, dataset, data, batch_size=batch_size, threads=threads, progress=progress, limit=limit,
+                         mean=mean, std=std)
 
 
 def session(model: str | os.PathLike | onnx.ModelProto, threads: int | None = None):
@@ -424,8 +433,8 @@ def fit(model: nn.Module, data, config=None, *, teacher: nn.Module | None = None
         where: str = "fit config", desc: str | None = None, **overrides) -> nn.Module:
     """Train `model` in place with the toolchain's seeded, resumable loop (Caffe-style SGD by default).
 
-    data: (inputs, labels) arrays or tensors, or a data source with `load()`; config: a TrainConfig or
-    a dict of its keys (epochs, batch_size, lr, momentum, weight_decay, lr_policy, seed, ...), with
+    data: (inputs, labels) arrays or tensors, or a data source with `load()`; config: a TrainConfig,
+    a TOML file of its keys, or a dict of its keys (epochs, batch_size, lr, momentum, weight_decay, lr_policy, seed, ...), with
     keyword `overrides` on top. `teacher` distils (with distill_temperature/weight), `regularizer(model)`
     adds a loss term, `after_step(model)` runs after each step.
     """
@@ -433,7 +442,9 @@ def fit(model: nn.Module, data, config=None, *, teacher: nn.Module | None = None
 
     if config is None:
         config = TrainConfig()
-    elif isinstance(config, dict):
+    if isinstance(config, (str, os.PathLike)):  # a TOML file of TrainConfig keys (checked: UTF-8, types, ranges)
+        config = train_config(config)
+    if isinstance(config, dict):
         from .recipe import build_dataclass
 
         config = build_dataclass(TrainConfig, config, where)
@@ -450,6 +461,18 @@ def fit(model: nn.Module, data, config=None, *, teacher: nn.Module | None = None
         return train(model, x.astype(np.float32), y.astype(np.int64), config, hooks, checkpoint, resume,
                      desc=desc, progress=progress)
     return train(model, data, None, config, hooks, checkpoint, resume, desc=desc, progress=progress)
+
+
+def train_config(config: str | os.PathLike | dict | None = None, **overrides):
+    """A checked TrainConfig from a TOML file of its keys (or a dict), with keyword overrides on top;
+    a file that is not UTF-8 or TOML, an unknown key or a value out of range is one RecipeError."""
+    from .recipe import build_dataclass, load_toml_table
+    from .train import TrainConfig
+
+    where = str(config) if isinstance(config, (str, os.PathLike)) else "training config"
+    table = load_toml_table(config) if isinstance(config, (str, os.PathLike)) else dict(config or {})
+    table.update({k: v for k, v in overrides.items() if v is not None})
+    return build_dataclass(TrainConfig, table, where)
 
 
 def import_caffe(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | None = None,

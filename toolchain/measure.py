@@ -112,7 +112,7 @@ def _custom_weight(node: onnx.NodeProto, values: dict[str, np.ndarray]):
     """(dense weight shape, nnz) for our custom sparse ops (fp32 CSR and the packed formats)."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type in ("SparseLinearCodebook", "SparseLinearInt8"):
-        from .kernels import packed as pk
+        from .methods.quantize import packed as pk
 
         a = [values[i] for i in node.input[1:5]]
         k = int(attrs["in_features"])

@@ -22,64 +22,16 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-
-def _worker(argv) -> int:
-    """One timing in this process (no toolchain import: also runs under DeepSparse's python)."""
-    p = argparse.ArgumentParser(prog="bench_models.py --worker")
-    p.add_argument("backend", choices=["ort", "ds"])
-    p.add_argument("model")
-    p.add_argument("batch", type=int)
-    p.add_argument("shape", help="one sample's input shape, comma-separated")
-    p.add_argument("--lib")
-    p.add_argument("--budget", type=float, default=2.0)
-    p.add_argument("--out", help="save the first output here (.npy)")
-    a = p.parse_args(argv)
-    x = np.random.default_rng(1).random((a.batch, *map(int, a.shape.split(",")))).astype(np.float32)
-    if a.backend == "ort":
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = so.inter_op_num_threads = 1
-        if a.lib:
-            so.register_custom_ops_library(a.lib)
-        sess = ort.InferenceSession(a.model, so, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        fn = lambda: sess.run(None, {name: x})  # noqa: E731
-    else:
-        os.environ["NM_DISABLE_ANALYTICS"] = "1"
-        from deepsparse import Engine
-
-        engine = Engine(a.model, batch_size=a.batch, num_cores=1)
-        fn = lambda: engine.run([x])  # noqa: E731
-    out = fn()[0]
-    if a.out:
-        np.save(a.out, out)
-    for _ in range(3):
-        fn()
-    wall = []
-    end = time.perf_counter() + a.budget
-    while len(wall) < 10 or time.perf_counter() < end:
-        t0 = time.perf_counter()
-        fn()
-        wall.append((time.perf_counter() - t0) * 1e3)
-    print(json.dumps({"ms": float(np.median(wall)), "runs": len(wall)}))
-    return 0
-
-
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-    sys.exit(_worker(sys.argv[2:]))
-
-import toolchain  # noqa: E402
-from toolchain import kernels, read_onnx  # noqa: E402
-from toolchain.bench import format_timings, memory_bandwidth, time_model, weight_bytes  # noqa: E402
-from toolchain.cli import main as toolchain_main  # noqa: E402
-from toolchain.methods.prune import MaskedConv2d, MaskedLinear  # noqa: E402
-from toolchain.zoo import MODELS_DIR  # noqa: E402
+import toolchain
+from toolchain import kernels, read_onnx
+from toolchain.bench import format_timings, memory_bandwidth, time_model, weight_bytes
+from toolchain.cli import main as toolchain_main
+from toolchain.methods.prune import MaskedConv2d, MaskedLinear
+from toolchain.zoo import MODELS_DIR
 
 
 def alexnet_files(work: Path) -> tuple[Path, Path, Path]:
@@ -148,8 +100,9 @@ def sidebyside(args, names: list[str], work: Path) -> int:
             outs = {}
             for rep in range(args.reps):
                 for key, (backend, path, with_lib) in engines.items():
-                    cmd = [str(ds_python) if backend == "ds" else sys.executable, os.path.abspath(__file__), "--worker",
-                           backend, str(path), str(b), ",".join(map(str, shape)), "--budget", str(args.seconds)]
+                    cmd = [str(ds_python) if backend == "ds" else sys.executable,
+                           str(Path(__file__).resolve().parent / "engine_timing.py"), backend, str(path), str(b),
+                           "--shape", ",".join(map(str, shape)), "--budget", str(args.seconds)]
                     if with_lib:
                         cmd += ["--lib", with_lib]
                     if rep == 0:

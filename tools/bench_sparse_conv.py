@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from toolchain import kernels
-from toolchain.kernels import csr
+from toolchain.methods.prune import csr
 
 # name, C, M, H(=W), kernel, stride, pad, group, density (Han et al. 2015, Table 1 / 4)
 LAYERS = [

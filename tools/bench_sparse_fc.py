@@ -31,56 +31,8 @@ import time
 import numpy as np
 
 
-def _worker(argv) -> int:
-    """One timing in this process (no toolchain import: also runs under DeepSparse's python)."""
-    p = argparse.ArgumentParser(prog="bench_sparse_fc.py --worker")
-    p.add_argument("backend", choices=["ort", "ds"])
-    p.add_argument("model")
-    p.add_argument("batch", type=int)
-    p.add_argument("--lib")
-    p.add_argument("--budget", type=float, default=2.0)
-    p.add_argument("--out", help="save the first output here (.npy)")
-    a = p.parse_args(argv)
-    x = np.random.default_rng(1).standard_normal((a.batch, LAYERS[0][1])).astype(np.float32)
-    clock = time.thread_time
-    if a.backend == "ort":
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        so.inter_op_num_threads = 1
-        if a.lib:
-            so.register_custom_ops_library(a.lib)
-        sess = ort.InferenceSession(a.model, so, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        fn = lambda: sess.run(None, {name: x})  # noqa: E731
-    else:
-        os.environ["NM_DISABLE_ANALYTICS"] = "1"
-        from deepsparse import Engine
-
-        engine = Engine(a.model, batch_size=a.batch, num_cores=1)
-        fn = lambda: engine.run([x])  # noqa: E731
-        clock = time.process_time  # DeepSparse computes on its own thread
-    out = fn()[0]
-    if a.out:
-        np.save(a.out, out)
-    for _ in range(5):
-        fn()
-    wall, cpu = [], []
-    end = time.perf_counter() + a.budget
-    while len(wall) < 10 or time.perf_counter() < end:
-        c0, t0 = clock(), time.perf_counter()
-        fn()
-        wall.append((time.perf_counter() - t0) * 1e3)
-        cpu.append((clock() - c0) * 1e3)
-    print(json.dumps({"ms": float(np.median(wall)), "cpu_ms": float(np.median(cpu)), "runs": len(wall)}))
-    return 0
-
-
+ENGINE_TIMING = __import__("pathlib").Path(__file__).resolve().parent / "engine_timing.py"  # one timing per process
 LAYERS = [("fc6", 9216, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 1000)]
-
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-    sys.exit(_worker(sys.argv[2:]))
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
@@ -88,7 +40,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from toolchain import kernels  # noqa: E402
 from toolchain.bench import memory_bandwidth  # noqa: E402
-from toolchain.kernels import csr, packed  # noqa: E402
+from toolchain.methods.prune import csr
+from toolchain.methods.quantize import packed  # noqa: E402
 DENSITIES = {
     "90% sparse": {"fc6": 0.10, "fc7": 0.10, "fc8": 0.10},
     "Han et al. (9/9/25%)": {"fc6": 0.09, "fc7": 0.09, "fc8": 0.25},
@@ -328,8 +281,9 @@ def sidebyside(args) -> int:
                 if isa:
                     env["TOOLCHAIN_KERNELS_ISA"] = isa
                 out = work / f"out_{abs(hash(label))}_{batch}.npy"
-                cmd = [str(ds_python) if backend == "ds" else sys.executable, os.path.abspath(__file__), "--worker",
-                       backend, str(files[model]), str(batch), "--budget", str(args.budget)]
+                cmd = [str(ds_python) if backend == "ds" else sys.executable, str(ENGINE_TIMING), backend,
+                       str(files[model]), str(batch), "--shape", str(LAYERS[0][1]), "--normal",
+                       "--budget", str(args.budget)]
                 if backend == "ort" and model.endswith("_fast"):
                     cmd += ["--lib", lib]
                 if rep == 0:

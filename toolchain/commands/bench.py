@@ -31,11 +31,18 @@ def add_arguments(p):
 
 def run(args) -> int:
     from toolchain import read_onnx
-    from toolchain.bench import format_timings, memory_bandwidth, per_node_times, time_model, weight_bytes
+    from toolchain.bench import (check_threads, format_timings, memory_bandwidth, per_node_times, resolve_batches,
+                                 time_model, weight_bytes)
 
     model = read_onnx(args.model)
     base = read_onnx(args.baseline) if args.baseline else None
-    batches, threads = _ints(args.batch, "batch"), _ints(args.threads, "threads")
+    batches, threads = _ints(args.batch, "batch"), check_threads(_ints(args.threads, "threads"))
+    batches, note = resolve_batches(model, batches)  # a model with a fixed batch size is timed at it
+    if base is not None:
+        batches, base_note = resolve_batches(base, batches)
+        note = note or base_note
+    if note:
+        print(note)
     rows = []
     for th in threads:
         for b in batches:

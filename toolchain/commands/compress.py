@@ -55,9 +55,15 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from converters import check_writable
+
+    ckpt = Path(args.checkpoint or f"{args.output}.ckpt")
+    check_writable(args.output)  # every path this run writes, checked before any work
+    check_writable(ckpt, "checkpoint")
+    if args.plots:
+        check_writable(Path(args.plots) / "sparsity.png", "--plots folder")
     recipe = toolchain.Recipe.load(args.recipe)  # validate everything before touching data or weights
     net = toolchain.load(args.model)
-    ckpt = Path(args.checkpoint or f"{args.output}.ckpt")
     data = args.data
     if args.val_split is not None and recipe.dataset == "mnist":
         from toolchain.data import load_mnist, parse_val_split

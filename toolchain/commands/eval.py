@@ -14,6 +14,9 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    p.add_argument("--mean", default=None, metavar="M[,M...]",
+                   help="for models trained on normalised input: subtract this (per channel) first, e.g. 0.1307")
+    p.add_argument("--std", default=None, metavar="S[,S...]", help="... and divide by this, e.g. 0.3081")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -22,7 +25,7 @@ def run(args) -> int:
 
     model = toolchain.read_onnx(args.model)  # fail early with a clear message on a bad file
     r = toolchain.evaluate(model, args.data, dataset=args.dataset, threads=args.threads, limit=args.limit,
-                           progress=not args.no_progress, batch_size=args.batch_size)
+                           progress=not args.no_progress, batch_size=args.batch_size, mean=args.mean, std=args.std)
     dataset = r.dataset
     line = f"{args.model}: {dataset} test error {100 * r.error:.2f}% ({round(r.error * r.samples)}/{r.samples} wrong)"
     if r.top5_error is not None and dataset == "imagenet":

@@ -25,6 +25,9 @@ def run(args) -> int:
     import toolchain
     from toolchain.methods.prune import masked_from_dense
 
+    from converters import check_writable
+
+    check_writable(args.output)
     if not 0 < args.max_density <= 1:
         raise toolchain.ToolchainError(f"--max-density must be in (0, 1], not {args.max_density}")
     source = toolchain.read_onnx(args.model)

@@ -42,6 +42,9 @@ def _numbers(text: str | None, what: str, kind=float) -> list | None:
 def run(args) -> int:
     from toolchain import import_caffe
 
+    from converters import check_writable
+
+    check_writable(args.output)
     shape = _numbers(args.input_shape, "--input-shape", int)
     scale = _numbers(args.input_scale, "--input-scale")
     if scale is not None and len(scale) != 1:

@@ -40,6 +40,9 @@ def run(args) -> int:
         bad = [d for d in densities if not 0 < d <= 1]
         if bad:
             raise ToolchainError(f"density {bad[0]} is outside (0, 1]")
+    from converters import check_writable
+
+    check_writable(args.output, "plot")
     net = load(args.model)
     layers = args.layers.split(",") if args.layers else None
     for name in layers or []:

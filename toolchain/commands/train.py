@@ -1,5 +1,4 @@
 """toolchain train MODEL — train a zoo model on MNIST with its recipe (models/MODEL/train.toml), export ONNX."""
-import tomllib
 from pathlib import Path
 
 NAME = "train"
@@ -26,8 +25,8 @@ def add_arguments(p):
 def run(args) -> int:
     import torch
 
-    from converters import torch_to_onnx
-    from toolchain import ToolchainError, evaluate, fit
+    from converters import check_writable, torch_to_onnx
+    from toolchain import ToolchainError, evaluate, fit, train_config
     from toolchain.data import load_mnist
     from toolchain.distributed import resolve_device
     from toolchain.zoo import create_model, get_model_spec
@@ -37,23 +36,17 @@ def run(args) -> int:
     spec = get_model_spec(args.model)
     if spec.dataset != "mnist":
         raise ToolchainError(f"{args.model} trains on {spec.dataset}; see docs/scaling.md for distributed training")
-    cfg_path = Path(args.config or spec.folder / "train.toml")
-    try:
-        table = tomllib.loads(cfg_path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ToolchainError(f"cannot read training config {cfg_path}: {e}") from None
-    if args.epochs is not None:
-        table["epochs"] = args.epochs
-    if args.seed is not None:
-        table["seed"] = args.seed
+    cfg = train_config(args.config or spec.folder / "train.toml", epochs=args.epochs, seed=args.seed)
+    out = Path(args.output or spec.onnx_path)
+    ckpt = args.checkpoint or f"{out}.ckpt"
+    check_writable(out)
+    check_writable(ckpt, "checkpoint")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.output or spec.onnx_path)
     data = load_mnist(args.data)
-    torch.manual_seed(int(table.get("seed", 0)))
+    torch.manual_seed(cfg.seed)
     model = create_model(args.model).to(device)  # trained and evaluated where it is
-    fit(model, (data.train_x, data.train_y), table, checkpoint=args.checkpoint or f"{out}.ckpt", resume=args.resume,
-        progress=not args.no_progress, where=str(cfg_path))
+    fit(model, (data.train_x, data.train_y), cfg, checkpoint=ckpt, resume=args.resume, progress=not args.no_progress)
     model.cpu()  # evaluated and exported from the CPU
     err = evaluate(model, (data.test_x, data.test_y))
     torch_to_onnx(model.eval(), torch.zeros(1, *spec.input_shape), out)

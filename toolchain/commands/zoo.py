@@ -1,5 +1,4 @@
 """toolchain zoo — list the reference models, or write one as ONNX (trained file if shipped, else its own init)."""
-import shutil
 
 NAME = "zoo"
 HELP = "list reference models or export one as ONNX (AlexNet: real architecture, own seeded init)"
@@ -27,9 +26,12 @@ def run(args) -> int:
             shipped = "trained ONNX shipped" if spec.onnx_path.exists() else "architecture only (own init)"
             print(f"{name:15s} input {list(spec.input_shape)}  {spec.dataset:8s}  {shipped}")
         return 0
+    from converters import atomic_write_bytes, check_writable
+
     spec = get_model_spec(args.name)
+    check_writable(args.output)
     if spec.onnx_path.exists() and not args.init:
-        shutil.copyfile(spec.onnx_path, args.output)
+        atomic_write_bytes(args.output, spec.onnx_path.read_bytes())
         print(f"copied trained {spec.onnx_path} -> {args.output}")
         return 0
     import torch

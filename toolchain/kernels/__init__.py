@@ -1,5 +1,7 @@
 """Fast sparse inference in onnxruntime: a custom-op library with SparseLinear, SparseConv and the
-packed SparseLinearCodebook / SparseLinearInt8 (packed.py encodes those).
+packed SparseLinearCodebook / SparseLinearInt8. The Python side of each op lives with the method
+that emits it: toolchain/methods/prune/csr.py (SparseLinear / SparseConv nodes) and
+toolchain/methods/quantize/packed.py (the packed layouts' encoders, reference decoders and nodes).
 
     import onnxruntime as ort
     from toolchain import kernels
@@ -7,7 +9,7 @@ packed SparseLinearCodebook / SparseLinearInt8 (packed.py encodes those).
     kernels.register(so)            # builds the library on first use (g++, see build.py)
     sess = ort.InferenceSession("model.onnx", so)
 
-The ops live in domain DOMAIN, version OPSET_VERSION; csr.py builds their nodes. See docs/kernels.md.
+The ops live in domain DOMAIN, version OPSET_VERSION (defined here, once). See docs/kernels.md.
 Environment: TOOLCHAIN_KERNELS_ISA=auto|avx512|avx2|portable picks the kernels (read when a session is
 created); TOOLCHAIN_KERNELS_CONV=auto|im2col|direct forces a SparseConv algorithm.
 """

@@ -23,7 +23,7 @@ from converters.ops.layers import conv_attrs, write_conv, write_fc
 from converters.ops.registry import Converted, register_converter, register_emitter
 
 from ...kernels import DOMAIN, OPSET_VERSION
-from ...kernels.csr import dense_to_csr
+from .csr import dense_to_csr
 from .layers import MaskedConv2d, MaskedLinear, masked_from_dense
 from .sparse_format import encode, validate_csr
 

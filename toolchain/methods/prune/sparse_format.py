@@ -13,7 +13,7 @@ import numpy as np
 
 from converters.errors import ModelFormatError
 
-from ...kernels.csr import validate_csr  # noqa: F401  (THE check of the CSR arrays, re-exported here)
+from .csr import validate_csr  # noqa: F401  (THE check of the CSR arrays, re-exported here)
 
 
 @dataclass

@@ -24,7 +24,7 @@ dense (`export_dense`): every compressed layer written as a plain float32 initia
 the input that onnxruntime.quantization.quantize_dynamic / quantize_static expect.
 
 fast: fully connected layers on 2-D inputs run as the custom ops SparseLinearCodebook (codes of
-<= 4 bits in the 4-bit layout, 5..8 bits in the 8-bit one; toolchain/kernels/packed.py) and
+<= 4 bits in the 4-bit layout, 5..8 bits in the 8-bit one; toolchain/methods/quantize/packed.py) and
 SparseLinearInt8, which decode the packed values inside the kernel; conv layers and other inputs
 fall back to the portable form.
 """
@@ -44,7 +44,7 @@ from converters.ops.layers import conv_attrs, write_conv, write_fc
 from converters.ops.registry import register_converter, register_emitter
 from toolchain.errors import ModelFormatError
 from toolchain.kernels import DOMAIN, OPSET_VERSION
-from toolchain.kernels.packed import encode_codebook, encode_int8
+from .packed import encode_codebook, encode_int8
 
 from . import coding
 from .layers import Int8Conv2d, Int8Linear, SharedConv2d, SharedLinear, _Int8, _Shared

@@ -35,7 +35,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from toolchain.errors import ModelFormatError
-from toolchain.kernels import DOMAIN, csr
+from toolchain.kernels import DOMAIN
+from ..prune import csr
 
 MAX_DELTA = 255
 
