@@ -327,3 +327,14 @@ def test_fast_form_runs_the_packed_custom_ops_and_equals_the_torch_layer(tmp_pat
         with torch.no_grad():
             ref = net(x).numpy()
         np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_toolchain_export_writes_the_grouped_file(tmp_path):
+    """The public export (and `toolchain export`) writes what export_quantized writes: one stream for the
+    layers that share it, decoding nodes unnamed."""
+    from toolchain.exporter import export_compressed
+
+    net = _quantize(_net(), (2, 3, 3)).eval()
+    grouped = export_quantized(net).SerializeToString()
+    assert export_compressed(net, tmp_path / "q.onnx").SerializeToString() == grouped
+    assert (tmp_path / "q.onnx").read_bytes() == grouped

@@ -6,6 +6,7 @@ import converters
 
 from . import methods  # noqa: F401  (registers every method's emitters)
 from ._version import __version__
+from .methods.base import EXPORT_HOOKS
 
 FORMS = ("portable", "fast")
 
@@ -17,7 +18,17 @@ def export_compressed(net, path=None, form: str = "portable", opset: int = 17, m
     was_training = net.training
     net.eval()
     try:
-        return converters.export_onnx(net, path, opset=opset, form=form, metadata=metadata,
-                                      producer=("toolchain", __version__))
+        options, finishers = {}, []
+        for hook in EXPORT_HOOKS.values():
+            extra, finish = hook(net, form)
+            options.update(extra)
+            finishers += [finish] if finish else []
+        model = converters.export_onnx(net, None if finishers else path, opset=opset, form=form, metadata=metadata,
+                                       producer=("toolchain", __version__), **options)
     finally:
         net.train(was_training)
+    for finish in finishers:
+        finish(model)
+    if finishers and path is not None:
+        converters.atomic_write_bytes(path, model.SerializeToString())
+    return model

@@ -13,6 +13,10 @@ from ..train import TrainHooks
 
 PASSES: Registry[type["CompressionPass"]] = Registry("compression pass")
 
+# method name -> fn(net, form) -> (export options for its emitters, finish(model) or None): how a method
+# shapes a whole-network export (e.g. weight sharing decodes several layers from one stream).
+EXPORT_HOOKS: Registry = Registry("export hook")
+
 
 def register_pass(name: str):
     """Class decorator: register a CompressionPass subclass under the recipe name `name` (once)."""

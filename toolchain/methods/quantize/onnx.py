@@ -44,9 +44,10 @@ from converters.ops.layers import conv_attrs, write_conv, write_fc
 from converters.ops.registry import register_converter, register_emitter
 from toolchain.errors import ModelFormatError
 from toolchain.kernels import DOMAIN, OPSET_VERSION
-from .packed import encode_codebook, encode_int8
+from toolchain.methods.base import EXPORT_HOOKS
 
 from . import coding
+from .packed import encode_codebook, encode_int8
 from .layers import Int8Conv2d, Int8Linear, SharedConv2d, SharedLinear, _Int8, _Shared
 
 METADATA_KEY = "ai.toolchain.quantize"
@@ -515,14 +516,27 @@ def export_quantized(net, path=None, form: str = "portable", opset: int = 17, gr
     if not group:
         return _export_grouped(net, path, form, opset, grouped=False)
     model = _export_grouped(net, None, form, opset)
-    for node in model.graph.node:  # node names are optional; the decoding nodes' (q, q_1, ...) cost bytes
-        if _DECODE_NODE.match(node.name) and list(node.output) == [node.name]:
-            node.name = ""
+    _drop_decode_node_names(model)
     if path is not None:
         from converters.fileio import atomic_write_bytes
 
         atomic_write_bytes(path, model.SerializeToString())
     return model
+
+
+def _drop_decode_node_names(model) -> None:
+    for node in model.graph.node:  # node names are optional; the decoding nodes' (q, q_1, ...) cost bytes
+        if _DECODE_NODE.match(node.name) and list(node.output) == [node.name]:
+            node.name = ""
+
+
+@EXPORT_HOOKS.register("quantize")
+def _export_hook(net, form: str):
+    """toolchain.export of a network with weight-sharing layers writes the file export_quantized writes:
+    the layers grouped into the fewest stream bytes, the decoding nodes unnamed."""
+    if form != "portable" or not any(isinstance(m, _Shared) for m in net.layers().values()):
+        return {}, None
+    return {"quantize_groups": shared_groups(net)}, _drop_decode_node_names
 
 
 _DECODE_NODE = re.compile(r"^q(_\d+)?$")
