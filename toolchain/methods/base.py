@@ -13,6 +13,10 @@ from ..train import TrainHooks
 
 PASSES: Registry[type["CompressionPass"]] = Registry("compression pass")
 
+# Passes that tie weights together (a shared codebook, hash buckets, low-rank factors): a pass that
+# moves or prunes individual weights lists them in its `cannot_follow` (checked when a recipe is read).
+TIES_WEIGHTS = ("hashed", "lowrank", "quantize")
+
 # method name -> fn(net, form) -> (export options for its emitters, finish(model) or None): how a method
 # shapes a whole-network export (e.g. weight sharing decodes several layers from one stream).
 EXPORT_HOOKS: Registry = Registry("export hook")

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ...options import option
-from ..base import CompressionPass, register_pass
+from ..base import TIES_WEIGHTS, CompressionPass, register_pass
 from ..prune.layers import _Masked, masked_from_dense
 from ..prune.surgery import remove_dead_units
 
@@ -80,7 +80,7 @@ def global_masks(layers: dict[str, nn.Module], sparsity: float, normalize: str =
 class GlobalPrunePass(CompressionPass):
     Options = GlobalPruneOptions
     LayerOptions = GlobalPruneLayerOptions
-    cannot_follow = ("hashed", "lowrank", "quantize", "weight_sharing")
+    cannot_follow = TIES_WEIGHTS
 
     def __init__(self, options, layer_options):
         super().__init__(options, layer_options)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ...options import option
-from ..base import CompressionPass, register_pass
+from ..base import TIES_WEIGHTS, CompressionPass, register_pass
 from ...train import TrainHooks
 from ..prune.surgery import remove_dead_units
 from .layers import _SVD, svd_from_layer, to_masked
@@ -52,7 +52,7 @@ class SparseVDLayerOptions:
 class SparseVDPass(CompressionPass):
     Options = SparseVDOptions
     LayerOptions = SparseVDLayerOptions
-    cannot_follow = ("hashed", "lowrank", "quantize", "weight_sharing")
+    cannot_follow = TIES_WEIGHTS
 
     def __init__(self, options, layer_options):
         super().__init__(options, layer_options)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ...options import option
-from ..base import CompressionPass, register_pass
+from ..base import TIES_WEIGHTS, CompressionPass, register_pass
 from ...train import TrainHooks
 from ..prune.surgery import remove_dead_units
 from .layers import _Spliced, spliced_from_layer, to_masked
@@ -56,7 +56,7 @@ class SplicingPass(CompressionPass):
     Options = SplicingOptions
     LayerOptions = SplicingLayerOptions
     # Splicing moves every weight freely: it cannot follow a method that ties or factors weights.
-    cannot_follow = ("hashed", "lowrank", "quantize", "weight_sharing")
+    cannot_follow = TIES_WEIGHTS
 
     def __init__(self, options, layer_options):
         super().__init__(options, layer_options)

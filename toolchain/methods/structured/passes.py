@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ...options import option
-from ..base import CompressionPass, register_pass
+from ..base import TIES_WEIGHTS, CompressionPass, register_pass
 from ...errors import RecipeError
 from ..prune.surgery import remove_dead_units
 
@@ -62,7 +62,7 @@ def kept_count(units: int, lo: StructuredLayerOptions, name: str) -> int:
 class StructuredPass(CompressionPass):
     Options = StructuredOptions
     LayerOptions = StructuredLayerOptions
-    cannot_follow = ("hashed", "lowrank", "quantize", "weight_sharing")
+    cannot_follow = TIES_WEIGHTS
 
     def __init__(self, options, layer_options):
         super().__init__(options, layer_options)
