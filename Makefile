@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.toolchain-installed
 OUT    ?= out
 
-.PHONY: setup kernels demo test test-all clean
+.PHONY: setup kernels demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -27,11 +27,12 @@ demo: kernels
 	$(BIN)/toolchain export $(OUT)/lenet-300-100-pruned.onnx -o $(OUT)/lenet-300-100-pruned-fast.onnx --form fast
 	$(BIN)/toolchain bench $(OUT)/lenet-300-100-pruned-fast.onnx --baseline models/lenet-300-100/lenet-300-100.onnx --batch 1,64
 
+# the whole suite (CI); `make test-fast` leaves out the multi-process tests (marked slow, ~20 s)
 test: kernels
-	$(BIN)/python -m pytest -m "not slow"
-
-test-all: kernels
 	$(BIN)/python -m pytest
+
+test-fast: kernels
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(OUT) toolchain/kernels/build
