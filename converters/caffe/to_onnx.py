@@ -637,6 +637,7 @@ def _relu(cv: "_Converter", L: Layer, xs, outs):
         cv.node("Relu", [xs[0][0]], outs, L.name)
     return [xs[0][1]]
 
+
 @CAFFE_LAYERS.register("LRN")
 def _lrn(cv: "_Converter", L: Layer, xs, outs):
     cv.arity(L, 1)
@@ -802,18 +803,19 @@ def _flatten(cv: "_Converter", L: Layer, xs, outs):
         cv.node("Reshape", [x, target], outs, L.name)
     return [out]
 
-@CAFFE_LAYERS.register("Sigmoid")
-def _sigmoid(cv: "_Converter", L: Layer, xs, outs):
-    cv.arity(L, 1)
-    cv.node("Sigmoid", [xs[0][0]], outs, L.name)
-    return [xs[0][1]]
+def _elementwise(op_type: str):
+    """A one-input Caffe layer that is one ONNX element-wise op (shape unchanged)."""
+
+    def convert(cv: "_Converter", L: Layer, xs, outs):
+        cv.arity(L, 1)
+        cv.node(op_type, [xs[0][0]], outs, L.name)
+        return [xs[0][1]]
+
+    return convert
 
 
-@CAFFE_LAYERS.register("TanH")
-def _tanh(cv: "_Converter", L: Layer, xs, outs):
-    cv.arity(L, 1)
-    cv.node("Tanh", [xs[0][0]], outs, L.name)
-    return [xs[0][1]]
+for _caffe_type, _onnx_op in (("Sigmoid", "Sigmoid"), ("TanH", "Tanh")):
+    CAFFE_LAYERS.add(_caffe_type, _elementwise(_onnx_op))
 
 
 @CAFFE_LAYERS.register("PReLU")
