@@ -455,8 +455,6 @@ def _kernels_built() -> bool:
 
 
 @pytest.mark.skipif(not _kernels_built(), reason="custom-op library not built (python -m toolchain.kernels.build)")
-@pytest.mark.xfail(strict=True, reason="needs the C++ kernels (csrc, kernels helper) to follow the dense semantics: "
-                                       "a non-finite input column makes each row that does not store it NaN")
 def test_6_fast_form_matches_dense_on_nan_inputs():
     from toolchain.methods.prune.csr import make_sparse_linear_model
     from toolchain.runtime import make_session, run

@@ -524,3 +524,88 @@ if __name__ == "__main__":
         print(json.dumps(_run_corrupt_cases(sys.argv[2])))
     else:
         sys.exit(f"usage: {sys.argv[0]} corrupt LIBRARY")
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite inputs: the fast form follows the dense product (0 * NaN = 0 * Inf = NaN).
+
+
+def _dense_linear(x, w, b):
+    """Elementwise reference (no BLAS, which may skip zeros): every weight times every input."""
+    y = (x[:, None, :].astype(np.float64) * w[None, :, :]).sum(-1)
+    return y if b is None else y + b
+
+
+def _dense_conv(x, w, b, strides, pads, group):
+    n, c, h, wd = x.shape
+    m, cg, kh, kw = w.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    oh = (xp.shape[2] - kh) // strides[0] + 1
+    ow = (xp.shape[3] - kw) // strides[1] + 1
+    y = np.zeros((n, m, oh, ow))
+    mg = m // group
+    for g in range(group):
+        for i in range(oh):
+            for j in range(ow):
+                patch = xp[:, g * cg:(g + 1) * cg, i * strides[0]:i * strides[0] + kh, j * strides[1]:j * strides[1] + kw]
+                y[:, g * mg:(g + 1) * mg, i, j] = (patch[:, None] * w[None, g * mg:(g + 1) * mg]).sum((2, 3, 4))
+    return y if b is None else y + b[None, :, None, None]
+
+
+def _poison(x, rng, count):
+    flat = x.reshape(-1)
+    where = rng.choice(flat.size, size=count, replace=False)
+    flat[where] = rng.choice([np.nan, np.inf, -np.inf], size=count)
+    return x
+
+
+def _assert_same_nonfinite(y, ref):
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_array_equal(np.isposinf(y), np.isposinf(ref))
+    np.testing.assert_array_equal(np.isneginf(y), np.isneginf(ref))
+    fin = np.isfinite(ref)
+    assert_close(np.where(fin, y, 0), np.where(fin, ref, 0))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("form", ["linear", "codebook4", "codebook8", "int8"])
+def test_linear_forms_follow_dense_on_nonfinite_inputs(lib, isa, form):
+    from toolchain.methods.quantize import packed
+
+    rng = np.random.default_rng(61)
+    w = random_sparse(rng, (37, 300), 0.3, empty_rows=3)
+    w[:, 7] = 0  # a column no row stores
+    b = rng.standard_normal(37).astype(np.float32)
+    if form == "linear":
+        model, wd = csr.make_sparse_linear_model(w, b), w
+    else:
+        p = packed.encode_int8(w) if form == "int8" else packed.encode_codebook(
+            w, rng.standard_normal(16 if form == "codebook4" else 256).astype(np.float32), 4 if form == "codebook4" else 8)
+        model, wd = packed.make_packed_linear_model(p, b), packed.decode(p)
+    sess = make_session(model, lib, isa=isa)
+    for n in (1, 5, 70):
+        x = rng.standard_normal((n, 300)).astype(np.float32)
+        _poison(x, rng, 1 + n // 3)
+        x[0, 7] = np.nan  # column 7: every output of row 0 becomes NaN
+        with np.errstate(invalid="ignore"):
+            ref = _dense_linear(x, wd, b)
+        y = sess.run(None, {"X": x})[0]
+        assert np.isnan(y[0]).all()
+        _assert_same_nonfinite(y, ref)
+
+
+@pytest.mark.parametrize("algo", ["im2col", "direct"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_sparse_conv_follows_dense_on_nonfinite_inputs(lib, isa, algo):
+    rng = np.random.default_rng(62)
+    for strides, pads, group in (((1, 1), (1, 0, 2, 1), 1), ((2, 1), (0, 1, 1, 0), 2), ((1, 1), (0, 0, 0, 0), 3)):
+        wt = random_sparse(rng, (6, 6 // group, 3, 2), 0.4)
+        b = rng.standard_normal(6).astype(np.float32)
+        x = rng.standard_normal((2, 6, 7, 6)).astype(np.float32)
+        _poison(x, rng, 4)
+        model = csr.make_sparse_conv_model(wt, b, input_hw=(7, 6), strides=strides, pads=pads, group=group)
+        with np.errstate(invalid="ignore"):
+            ref = _dense_conv(x, wt, b, strides, pads, group)
+        y = make_session(model, lib, isa=isa, conv=algo).run(None, {"X": x})[0]
+        assert np.isnan(y).any()
+        _assert_same_nonfinite(y, ref)

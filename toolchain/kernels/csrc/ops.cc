@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <atomic>
 #include <cstdarg>
 #include <memory>
@@ -552,6 +553,69 @@ class BlockedWeights {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------------------------
+// Non-finite inputs. A dense product multiplies every input by every weight, so an input NaN or
+// Inf at column k turns each output whose weight at k is zero into NaN (0 * Inf = NaN); the sparse
+// kernels never touch the weights they leave out. After the kernels, outputs that the dense form
+// makes NaN this way are set to NaN, so both forms agree (docs/hardening.md). The scan costs one
+// read of X; the repair runs only for rows of X that hold a non-finite value.
+
+bool all_finite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    memcpy(&bits, x + i, sizeof(bits));
+    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
+
+// Columns that row m of a blocked CSR stores (both storage orders).
+template <class F>
+void for_each_column(const BlockedCsr& w, int64_t m, const F& f) {
+  for (int64_t b = 0; b < w.nblocks; ++b)
+    for (int64_t s = 0; s < w.nsub; ++s) {
+      const int64_t i = b * w.rows * w.nsub + m * w.row_stride + s * w.sub_stride;
+      for (int32_t e = w.seg_ptr[i]; e < w.seg_ptr[i + 1]; ++e) f(b * w.block_cols + w.idx[e]);
+    }
+}
+
+// Columns that row m of a packed layout stores (entries whose value is zero are not stored).
+template <class F>
+void for_each_column(const PackedRows& w, int64_t m, const F& f) {
+  for (int64_t b = 0; b < w.nblocks; ++b) {
+    const int64_t i = b * w.rows + m;
+    for (int64_t p = w.start[i]; p < w.start[i] + w.len[i]; ++p) f(b * w.block_cols + w.idx[p]);
+  }
+}
+
+// Y [N, M] from X [N, K]: y[n, m] = NaN where row n of X is non-finite at a column row m of W does
+// not store. `w` is a BlockedCsr or PackedRows.
+template <class Weights>
+void restore_nonfinite_linear(const Weights& w, const float* x, float* y, int64_t N, int64_t K, int64_t M) {
+  if (all_finite(x, N * K)) return;
+  std::vector<uint8_t> bad(K);
+  std::vector<int64_t> seen(K);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xn = x + n * K;
+    if (all_finite(xn, K)) continue;
+    int64_t nbad = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      bad[k] = !std::isfinite(xn[k]);
+      nbad += bad[k];
+    }
+    std::fill(seen.begin(), seen.end(), -1);
+    for (int64_t m = 0; m < M; ++m) {
+      int64_t hit = 0;  // distinct non-finite columns row m stores
+      for_each_column(w, m, [&](int64_t k) {
+        if (bad[k] && seen[k] != m) seen[k] = m, ++hit;
+      });
+      if (hit < nbad) y[n * M + m] = nan;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Linear ops: shared input/output handling and the batched (tile) path.
 
 struct LinearIo {
@@ -666,9 +730,12 @@ class SparseLinear {
         const int64_t m0 = t * mc, m1 = std::min(M, m0 + mc);
         kt->spmv(w, m0, m1, io.x, bias, io.y);
       });
+      restore_nonfinite_linear(w, io.x, io.y, 1, in_features_, M);
       return;
     }
-    linear_batched(ctx, kt, w_.sub_major(), M, in_features_, io, bias, pool_);
+    const BlockedCsr& w = w_.sub_major();
+    linear_batched(ctx, kt, w, M, in_features_, io, bias, pool_);
+    restore_nonfinite_linear(w, io.x, io.y, io.N, in_features_, M);
   }
 
  private:
@@ -736,9 +803,10 @@ class PackedLinear {
         const int64_t m0 = t * mc, m1 = std::min(M, m0 + mc);
         kt->spmv_packed(view_, m0, m1, io.x, bias, io.y);
       });
-      return;
+    } else {
+      linear_batched(ctx, kt, decoded(), M, in_features_, io, bias, pool_);
     }
-    linear_batched(ctx, kt, decoded(), M, in_features_, io, bias, pool_);
+    restore_nonfinite_linear(view_, io.x, io.y, io.N, in_features_, M);
   }
 
  private:
@@ -1070,10 +1138,12 @@ class SparseConv {
     float* y = nullptr;
     ort_check(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&y)), where_ + " output");
     Shape s{N, C, H, W, Cg, OH, OW};
+    const float* xp = static_cast<const float*>(x.data);
     if (use_direct(s))
-      compute_direct(ctx, static_cast<const float*>(x.data), s, y);
+      compute_direct(ctx, xp, s, y);
     else
-      compute_im2col(ctx, static_cast<const float*>(x.data), s, y);
+      compute_im2col(ctx, xp, s, y);
+    restore_nonfinite(xp, s, y);
   }
 
  private:
@@ -1092,6 +1162,48 @@ class SparseConv {
     // Measured (docs/kernels.md): gathering im2col tiles pays off when each gathered element feeds
     // many output channels (Mg * density); with little reuse (LeNet-5 conv2: 6) direct wins.
     return static_cast<double>(rows_ / group_) * density_ < kDirectMaxReuse;
+  }
+
+  // Dense Conv semantics for non-finite inputs (see restore_nonfinite_linear): y[n, m, oh, ow] = NaN
+  // where the receptive field holds a non-finite value at a tap that filter m does not store.
+  // Padding is zero and never non-finite.
+  void restore_nonfinite(const float* x, const Shape& s, float* y) const {
+    const int64_t HW = s.H * s.W;
+    if (all_finite(x, s.N * s.C * HW)) return;
+    const int64_t taps = kh_ * kw_, K = s.Cg * taps, G = group_, Mg = rows_ / G, P = s.OH * s.OW;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::vector<uint8_t> bad(cols_, 0);
+    std::vector<int64_t> seen(cols_, -1);
+    std::vector<int64_t> listed;
+    int64_t stamp = 0;
+    for (int64_t n = 0; n < s.N; ++n)
+      for (int64_t g = 0; g < G; ++g) {
+        const float* xg = x + (n * s.C + g * s.Cg) * HW;
+        if (all_finite(xg, s.Cg * HW)) continue;
+        for (int64_t oh = 0; oh < s.OH; ++oh)
+          for (int64_t ow = 0; ow < s.OW; ++ow) {
+            int64_t nbad = 0;
+            listed.clear();
+            for (int64_t k = 0; k < K; ++k) {
+              const int64_t c = k / taps, i = (k % taps) / kw_, j = k % kw_;
+              const int64_t ih = oh * sh_ - pt_ + i * dh_, iw = ow * sw_ - pl_ + j * dw_;
+              if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W || std::isfinite(xg[c * HW + ih * s.W + iw])) continue;
+              ++nbad;
+              if (k < cols_) bad[k] = 1, listed.push_back(k);
+            }
+            if (!nbad) continue;
+            for (int64_t m = g * Mg; m < g * Mg + Mg; ++m) {
+              ++stamp;
+              int64_t hit = 0;  // distinct non-finite taps filter m stores
+              for (int32_t e = csr_row_ptr_[m]; e < csr_row_ptr_[m + 1]; ++e) {
+                const int64_t k = csr_col_[e];
+                if (bad[k] && seen[k] != stamp) seen[k] = stamp, ++hit;
+              }
+              if (hit < nbad) y[(n * rows_ + m) * P + oh * s.OW + ow] = nan;
+            }
+            for (int64_t k : listed) bad[k] = 0;
+          }
+      }
   }
 
   // Per output-position tile: gather the [cols_, NT] patch matrix, then one sparse tile product.
