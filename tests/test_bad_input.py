@@ -629,6 +629,44 @@ def test_8_eval_with_mean_and_std(ws, capsys):
             capsys, expect=0)
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--mean", "0.1307"], "together"), (["--mean", "0.1", "--std", "0"], "std > 0"),
+    (["--mean", "x", "--std", "1"], "comma-separated"), (["--mean", "0.1", "--std", "nan"], "finite"),
+])
+def test_8_compress_and_sensitivity_check_mean_and_std(ws, capsys, argv, words):
+    run_cli(["compress", LENET300, "-r", ws / "prune.toml", "-o", ws / "out.onnx", "--no-progress", *argv],
+            capsys, ws, words=words)
+    run_cli(["sensitivity", LENET300, "-o", ws / "s.png", "--no-progress", *argv], capsys, ws, words=words)
+
+
+def test_8_compress_normalises_every_sample(ws, capsys):
+    """--mean / --std reach training, validation and the test error; the model sees (x - mean) / std."""
+    import torch
+    import toolchain
+
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    model.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].detach().clone()))
+    rng = np.random.default_rng(0)
+    x = (5.0 + 2.0 * rng.standard_normal((64, 3, 2, 2))).astype(np.float32)
+    x[:, 1] += 10.0  # channel 1 has its own mean
+    y = rng.integers(0, 3, 64)
+    recipe = toolchain.Recipe.from_dict({"stage": [{"pass": "prune", "rounds": 1, "layers": {"default": {"quality": 0.5}},
+                                                    "retrain": {"epochs": 1, "batch_size": 16}}]})
+    toolchain.compress(model, recipe, (x, y), mean=[5.0, 15.0, 5.0], std=2.0, progress=False)
+    fed = torch.cat([t.reshape(len(t), 3, 2, 2) for t in seen if len(t) > 2])
+    assert abs(float(fed.mean())) < 0.3 and abs(float(fed[:, 1].mean())) < 0.3 and 0.7 < float(fed.std()) < 1.3
+    with pytest.raises(toolchain.DataError, match="together"):
+        toolchain.compress(model, recipe, (x, y), mean=5.0, progress=False)
+
+
+def test_8_compress_cli_with_mean_and_std(ws, capsys):
+    out_file = ws / "out.onnx"
+    run_cli(["compress", LENET300, "-r", ws / "prune.toml", "-o", out_file, "--no-retrain", "--no-progress",
+             "--mean", "0.1307", "--std", "0.3081"], capsys, expect=0)
+    assert out_file.exists()
+
+
 CAFFE_NET = """
 name: "acts"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }

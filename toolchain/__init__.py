@@ -21,6 +21,7 @@ from ._version import __version__  # noqa: E402
 from .api import (CompressionResult, ModelInfo, compress, evaluate, export, file_metadata, fit, import_caffe,  # noqa: E402
                   info, load, read_onnx, session, set_metadata, train_config)
 from .train import TrainConfig  # noqa: E402
+from .accuracy import normalization, normalize  # noqa: E402  (--mean / --std)
 # -- recipes and the methods they name
 from .methods import CompressionPass, available_passes, register_pass  # noqa: E402
 from .recipe import Recipe  # noqa: E402
@@ -34,6 +35,7 @@ __all__ = [
     "compress", "export", "load", "CompressionResult", "file_metadata", "set_metadata",
     # measuring, training and importing
     "evaluate", "info", "ModelInfo", "read_onnx", "train_config", "session", "fit", "TrainConfig", "import_caffe",
+    "normalization", "normalize",
     # recipes and methods
     "Recipe", "CompressionPass", "register_pass", "available_passes",
     # errors

@@ -71,6 +71,21 @@ def normalize(x: np.ndarray, mean, std) -> np.ndarray:
     return ((x - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)
 
 
+def normalization(mean, std):
+    """(mean, std) from numbers, lists or comma-separated text (--mean / --std), or None when neither is
+    given; one without the other, or a value that is not a finite number (std > 0), is a DataError."""
+    if mean is None and std is None:
+        return None
+    if (mean is None) != (std is None):
+        raise DataError("give --mean and --std together (the input is normalised as (x - mean) / std)")
+    mean = parse_floats(mean, "mean") if isinstance(mean, str) else mean
+    std = parse_floats(std, "std") if isinstance(std, str) else std
+    m, s = np.atleast_1d(np.asarray(mean, dtype=np.float64)), np.atleast_1d(np.asarray(std, dtype=np.float64))
+    if not (np.isfinite(m).all() and np.isfinite(s).all()) or (s <= 0).any() or m.ndim != 1 or s.ndim != 1:
+        raise DataError(f"--mean / --std must be finite numbers with std > 0, not mean {mean!r} std {std!r}")
+    return m.tolist(), s.tolist()
+
+
 def parse_floats(text: str, what: str) -> list[float]:
     """'0.485,0.456,0.406' -> floats (for --mean / --std); a bad value is a DataError naming the flag."""
     try:

@@ -222,7 +222,7 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
              loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              checkpoint: str | os.PathLike | None = None, resume: bool = False, retrain: bool = True,
              progress: bool = True, baseline: str | os.PathLike | onnx.ModelProto | None = None,
-             workers: int | None = None, device=None) -> CompressionResult:
+             workers: int | None = None, device=None, mean=None, std=None) -> CompressionResult:
     """Compress `model` with `recipe`, retraining between rounds; returns a CompressionResult.
 
     model:   any torch.nn.Module (your own class, an nn.Sequential) or a Network from `load`.
@@ -244,6 +244,10 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
     workers: image-decoding processes for an image-folder data set (default: from the CPU count).
     device:  where to retrain: "cpu", "cuda", "cuda:N", "auto" or a torch.device (default: where the
              model is; under torchrun, the process's GPU). The model is returned where it came from.
+    mean / std: for a model trained on normalised input (an imported ONNX or Caffe model): numbers,
+             one per channel, or comma-separated text; every sample it trains and is measured on,
+             test set included, becomes (x - mean) / std. Array data only (the built-in MNIST, a
+             folder of MNIST IDX files, tensors or arrays): DataLoaders normalise in their own transforms.
 
     Everything is checked before training starts: the recipe, its layer names against the model,
     that each stage selects a layer, that the data fits the model.
@@ -251,9 +255,16 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
     from .driver import compress_network
     from .measure import measure
 
+    from .accuracy import normalization, normalize
+
     recipe = _as_recipe(recipe)
     if not isinstance(model, nn.Module):
         raise ToolchainError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    norm = normalization(mean, std)
+    if norm and (recipe.dataset != "mnist" or (isinstance(data, tuple) and len(data) == 2 and
+                                                isinstance(data[0], torch.utils.data.DataLoader))):
+        raise DataError("--mean / --std normalise array data (MNIST, tensors, arrays); normalise DataLoaders "
+                        "and image folders in their own transforms")
     if not retrain:
         recipe = copy.deepcopy(recipe)
         for stage in recipe.stages:
@@ -280,6 +291,10 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
     model.train(was_training)
     no_data = data is None and recipe.dataset == "imagenet" and not retrain  # AlexNet without ImageNet
     train_data = None if no_data else _training_data(data, recipe, shape, workers, device)
+    if norm and train_data is not None:
+        tx, ty, vx, vy = train_data
+        ntx = normalize(tx, *norm)
+        train_data = (ntx, ty, ntx if vx is tx else normalize(vx, *norm), vy)
     res = compress_network(net, recipe, train_data, checkpoint=checkpoint, resume=resume, progress=progress,
                            model=model, make_optimizer=optimizer, loss_fn=loss, device=device)
     test_error = None
@@ -288,7 +303,8 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
         from .train import evaluate as torch_evaluate
 
         d = load_mnist(data)  # trained on train minus validation, chosen on validation: test once, now
-        test_error = torch_evaluate(model, *_arrays_for(d.test_x, d.test_y, shape))
+        test_x, test_y = _arrays_for(d.test_x, d.test_y, shape)
+        test_error = torch_evaluate(model, normalize(test_x, *norm) if norm else test_x, test_y)
     after = measure(export_compressed(res.net))
     model.train(was_training)
     out = model if not isinstance(model, Network) else res.net
@@ -408,14 +424,10 @@ def evaluate(model, data=None, *, dataset: str | None = None, threads: int | Non
         x, y = _arrays_for(data[0], data[1], tuple(example.shape[1:]) if not isinstance(model, Network) else
                            tuple(d if isinstance(d, int) else 1 for d in model.input_shapes[model.input_names[0]][1:]))
         return torch_evaluate(model, x[:limit] if limit else x, y[:limit] if limit else y, progress=progress)
-    from .accuracy import evaluate_onnx, guess_dataset, parse_floats
+    from .accuracy import evaluate_onnx, guess_dataset, normalization
 
-    if isinstance(mean, str):
-        mean = parse_floats(mean, "mean")
-    if isinstance(std, str):
-        std = parse_floats(std, "std")
-    if (mean is None) != (std is None):
-        raise DataError("give --mean and --std together (the input is normalised as (x - mean) / std)")
+    norm = normalization(mean, std)
+    mean, std = norm if norm else (None, None)
     dataset = dataset or guess_dataset(model)
     return evaluate_onnx(model, dataset, data, batch_size=batch_size, threads=threads, progress=progress, limit=limit,
                          mean=mean, std=std)

@@ -30,7 +30,9 @@ also_copy = ["converters/", "models/", "docs/", "tools/"]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]
 pytest_add_cli_args_test_selection = ["tests/test_recipe.py", "tests/test_recipe_reference.py", "tests/test_prune.py",
   "tests/test_hashed.py", "tests/test_lowrank.py", "tests/test_options.py", "tests/test_guards.py",
-  "tests/test_bad_input.py", "-k",
+  "tests/test_bad_input.py", "tests/test_quantize.py", "tests/test_sparse_vd.py", "tests/test_splicing.py",
+  "tests/test_global_prune.py", "tests/test_structured.py", "tests/test_kernels.py", "tests/test_kernels_packed.py",
+  "tests/test_export_sparse.py", "-m", "not slow", "-k",
   "not shipped and not cli and not test_1_ and not test_2_ and not test_4 and not test_5 and not test_7 and not test_8 and not test_9"]
 process_isolation = "forkserver"
 timeout_multiplier = 5.0

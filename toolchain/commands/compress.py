@@ -38,6 +38,10 @@ def add_arguments(p):
     p.add_argument("--no-retrain", action="store_true",
                    help="apply the passes without retraining (e.g. AlexNet without ImageNet); with --data, "
                         "accuracy is still measured")
+    p.add_argument("--mean", default=None, metavar="M[,M...]",
+                   help="for models trained on normalised input: every sample (training, validation, test) "
+                        "becomes (x - mean) / std, e.g. --mean 0.1307 --std 0.3081")
+    p.add_argument("--std", default=None, metavar="S[,S...]", help="... see --mean")
     p.add_argument("--plots", metavar="DIR", default=None, help="write a sparsity-pattern PNG per pruned layer here")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads for retraining")
     p.add_argument("--no-progress", action="store_true")
@@ -63,6 +67,8 @@ def run(args) -> int:
     if args.plots:
         check_writable(Path(args.plots) / "sparsity.png", "--plots folder")
     recipe = toolchain.Recipe.load(args.recipe)  # validate everything before touching data or weights
+    norm = toolchain.normalization(args.mean, args.std)
+    mean, std = norm if norm else (None, None)
     net = toolchain.load(args.model)
     data = args.data
     if args.val_split is not None and recipe.dataset == "mnist":
@@ -71,14 +77,14 @@ def run(args) -> int:
         data = load_mnist(args.data).holdout(parse_val_split(args.val_split))  # (train, val): test stays out
     result = toolchain.compress(net, recipe, data, checkpoint=ckpt, resume=args.resume, retrain=not args.no_retrain,
                                 progress=not args.no_progress, baseline=args.model, workers=args.workers,
-                                device=device)
+                                device=device, mean=mean, std=std)
     if not dist_.is_main():  # rank 0 exports, measures and reports
         dist_.cleanup()
         return 0
     toolchain.export(result.model, args.output, form=args.form, result=result)
     print(toolchain.info(args.output, baseline=args.model).comparison())
     if result.error_before is not None:
-        err_after = toolchain.evaluate(args.output, args.data, dataset=recipe.dataset).error
+        err_after = toolchain.evaluate(args.output, args.data, dataset=recipe.dataset, mean=mean, std=std).error
         which = "validation error" if recipe.dataset == "mnist" else "error"
         print(f"{which}: {100 * result.error_before:.2f}% before, {100 * result.error_after:.2f}% after; "
               f"test error: {100 * err_after:.2f}% (measured once; exported {args.output}, {args.form} form)")

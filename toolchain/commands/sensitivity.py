@@ -20,11 +20,14 @@ def add_arguments(p):
     p.add_argument("--val-split", default=None, metavar="N",
                    help="validation images held out of the MNIST training set (a count or a fraction; default: "
                         "the package's 10k validation set): the sweep is measured on them, never on the test set")
+    p.add_argument("--mean", default=None, metavar="M[,M...]",
+                   help="for models trained on normalised input: the validation images become (x - mean) / std")
+    p.add_argument("--std", default=None, metavar="S[,S...]", help="... see --mean")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run(args) -> int:
-    from toolchain import ToolchainError, load
+    from toolchain import ToolchainError, load, normalization, normalize
     from toolchain.data import load_mnist, parse_val_split
     from toolchain.distributed import resolve_device
     from toolchain.plots import sensitivity_plot
@@ -43,12 +46,15 @@ def run(args) -> int:
     from converters import check_writable
 
     check_writable(args.output, "plot")
+    norm = normalization(args.mean, args.std)
     net = load(args.model)
     layers = args.layers.split(",") if args.layers else None
     for name in layers or []:
         if name not in net.layers():
             raise ToolchainError(f"layer {name!r} is not in the model (layers: {', '.join(net.layers())})")
     _, _, val_x, val_y = load_mnist(args.data).holdout(parse_val_split(args.val_split))
+    if norm:
+        val_x = normalize(val_x, *norm)
     results, base = sensitivity(net, val_x, val_y, densities, layers, progress=not args.no_progress,
                                 device=device)
     print(format_sensitivity(results, base))
