@@ -200,10 +200,14 @@ def test_cli_train_tiny(tmp_path, capsys):
     assert main(["train", "lenet-300-100", "--config", str(cfg), "-o", str(out), "--threads", "1", "--no-progress"]) == 0
     text = capsys.readouterr().out
     err = float(re.search(r"test error ([\d.]+)%", text)[1])
+    assert "trained on 50000 images; validation error" in text and "(10000 held out)" in text
     assert out.exists()
     from toolchain.accuracy import evaluate_onnx
 
     assert err < 50 and round(100 * evaluate_onnx(str(out), progress=False).error, 2) == err
+    assert main(["train", "lenet-300-100", "--config", str(cfg), "-o", str(out), "--val-split", "0.5",
+                 "--threads", "1", "--no-progress"]) == 0
+    assert "trained on 30000 images" in capsys.readouterr().out
 
 
 def test_cli_zoo_export(tmp_path, capsys):

@@ -19,6 +19,10 @@ def add_arguments(p):
     p.add_argument("--device", default="auto", metavar="cpu|cuda|cuda:N|auto",
                    help="where to train (default auto: the GPU when there is one, else the CPU)")
     p.add_argument("--data", metavar="DIR", default=None)
+    p.add_argument("--val-split", default=None, metavar="N",
+                   help="validation images held out of the MNIST training set (a count or a fraction; default: the "
+                        "package's 10k validation set): trained on the rest, the validation error reported beside "
+                        "the test error, which is measured once")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -27,7 +31,7 @@ def run(args) -> int:
 
     from converters import check_writable, torch_to_onnx
     from toolchain import ToolchainError, evaluate, fit, train_config
-    from toolchain.data import load_mnist
+    from toolchain.data import load_mnist, parse_val_split
     from toolchain.distributed import resolve_device
     from toolchain.zoo import create_model, get_model_spec
 
@@ -44,11 +48,14 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_mnist(args.data)
+    fit_x, fit_y, val_x, val_y = data.holdout(parse_val_split(args.val_split))  # validation: never trained on
     torch.manual_seed(cfg.seed)
     model = create_model(args.model).to(device)  # trained and evaluated where it is
-    fit(model, (data.train_x, data.train_y), cfg, checkpoint=ckpt, resume=args.resume, progress=not args.no_progress)
+    fit(model, (fit_x, fit_y), cfg, checkpoint=ckpt, resume=args.resume, progress=not args.no_progress)
     model.cpu()  # evaluated and exported from the CPU
+    val_err = evaluate(model, (val_x, val_y))
     err = evaluate(model, (data.test_x, data.test_y))
     torch_to_onnx(model.eval(), torch.zeros(1, *spec.input_shape), out)
-    print(f"{args.model}: test error {100 * err:.2f}% -> wrote {out}")
+    print(f"{args.model}: trained on {len(fit_x)} images; validation error {100 * val_err:.2f}% "
+          f"({len(val_x)} held out), test error {100 * err:.2f}% -> wrote {out}")
     return 0
