@@ -7,31 +7,17 @@
     report.py   the paper's per-layer bits / compression table (P, P+Q, P+Q+H)
     onnx.py     ONNX emitters (portable packed form, int8 QDQ, `dense` form), re-import
 
-`register()` (run on import; toolchain.methods imports this package) registers the pass, the
-emitters / converters (onnx.py) and the import restorer that turns weight-sharing files back into
+Importing this package (toolchain.methods does) registers the pass, the emitters / converters
+(onnx.py) and the import restorer that turns weight-sharing files back into
 SharedLinear / SharedConv2d.
 """
 from __future__ import annotations
 
-_registered = False
+from converters.onnx_import import RESTORERS
 
+from . import onnx as _onnx
+from .pass_ import QuantizePass  # noqa: F401  (registers the `quantize` pass)
 
-def register() -> None:
-    global _registered
-    if _registered:
-        return
-    _registered = True
-    from converters.onnx_import import RESTORERS
-    from toolchain.train import TrainHooks
-
-    from ..base import CompressionPass, register_pass
-    from . import onnx as _onnx
-    from .pass_ import make_pass_class
-
-    register_pass("quantize")(make_pass_class(CompressionPass, TrainHooks))
-    RESTORERS.register("quantize")(_onnx.restore_quantized_layers)
-
-
-register()
+RESTORERS.register("quantize")(_onnx.restore_quantized_layers)
 
 from . import coding, kmeans, layers, report  # noqa: E402,F401  (public submodules)

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from toolchain.errors import RecipeError
-from toolchain.options import option
+from ...errors import RecipeError
+from ...options import option
+from ...train import TrainHooks
+from ..base import CompressionPass, register_pass
 
 from .kmeans import INITS
 from .layers import MAX_BITS, MIN_BITS, _Int8, _Shared, dense_mask, int8_from_dense, shared_from_dense
@@ -68,78 +70,66 @@ class QuantizeLayerOptions:
 
 def _compressed_kinds() -> tuple[type, ...]:
     """Layer types of other methods that store no dense weight to share values over."""
-    kinds = []
-    try:
-        from toolchain.methods.hashed.layers import _Hashed
-        kinds.append(_Hashed)
-    except ImportError:  # pragma: no cover - moved by the restructure
-        pass
-    try:
-        from toolchain.methods.lowrank import layers as lowrank
-        kinds += [c for c in vars(lowrank).values() if isinstance(c, type) and issubclass(c, nn.Module)
-                  and c.__module__ == lowrank.__name__ and not issubclass(c, (nn.Linear, nn.Conv2d))]
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(kinds)
+    from ..hashed.layers import _Hashed
+    from ..lowrank import layers as lowrank
+
+    return (_Hashed,) + tuple(c for c in vars(lowrank).values() if isinstance(c, type) and issubclass(c, nn.Module)
+                              and c.__module__ == lowrank.__name__ and not issubclass(c, (nn.Linear, nn.Conv2d)))
 
 
-def make_pass_class(CompressionPass, TrainHooks):
-    """The pass class over the registry's base class (bound at registration, see __init__.register)."""
+@register_pass("quantize")
+class QuantizePass(CompressionPass):
+    Options = QuantizeOptions
+    LayerOptions = QuantizeLayerOptions
+    layer_types = (nn.Linear, nn.Conv2d, _Shared, _Int8) + _compressed_kinds()
 
-    class QuantizePass(CompressionPass):
-        Options = QuantizeOptions
-        LayerOptions = QuantizeLayerOptions
-        layer_types = (nn.Linear, nn.Conv2d, _Shared, _Int8) + _compressed_kinds()
+    def __init__(self, options, layer_options):
+        super().__init__(options, layer_options)
+        self.before: dict[str, tuple[int, int]] = {}  # layer -> (weights, remaining)
 
-        def __init__(self, options, layer_options):
-            super().__init__(options, layer_options)
-            self.before: dict[str, tuple[int, int]] = {}  # layer -> (weights, remaining)
+    def check(self, net: nn.Module) -> None:
+        layers = net.layers()
+        other = _compressed_kinds()
+        for name, lo in self.layer_options.items():
+            layer = layers[name]
+            if isinstance(layer, (_Shared, _Int8)):
+                continue
+            if other and isinstance(layer, other):
+                raise RecipeError(f"quantize: layer {name!r} is a {type(layer).__name__}: its weights are "
+                                  "generated (hashed / low-rank), there is no weight matrix to share values over")
+            if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+                raise RecipeError(f"quantize: layer {name!r}: padding_mode {layer.padding_mode!r} is not supported")
+            if lo.method == "share":
+                remaining = int(dense_mask(layer).sum())
+                if remaining < (1 << lo.bits):
+                    raise RecipeError(f"quantize: layer {name!r}: {1 << lo.bits} shared values ({lo.bits} bits) "
+                                      f"for only {remaining} remaining weights")
 
-        def check(self, net: nn.Module) -> None:
-            layers = net.layers()
-            other = _compressed_kinds()
-            for name, lo in self.layer_options.items():
-                layer = layers[name]
-                if isinstance(layer, (_Shared, _Int8)):
-                    continue
-                if other and isinstance(layer, other):
-                    raise RecipeError(f"quantize: layer {name!r} is a {type(layer).__name__}: its weights are "
-                                      "generated (hashed / low-rank), there is no weight matrix to share values over")
-                if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
-                    raise RecipeError(f"quantize: layer {name!r}: padding_mode {layer.padding_mode!r} is not supported")
-                if lo.method == "share":
-                    remaining = int(dense_mask(layer).sum())
-                    if remaining < (1 << lo.bits):
-                        raise RecipeError(f"quantize: layer {name!r}: {1 << lo.bits} shared values ({lo.bits} bits) "
-                                          f"for only {remaining} remaining weights")
+    def apply(self, net: nn.Module, round_index: int) -> None:
+        self.check(net)
+        layers = net.layers()
+        for name, lo in self.layer_options.items():
+            layer = layers[name]
+            if isinstance(layer, (_Shared, _Int8)):
+                continue
+            self.before[name] = (int(layer.weight.numel()), int(dense_mask(layer).sum()))
+            if lo.method == "share":
+                new = shared_from_dense(layer, lo.bits, lo.init, self.options.seed, self.options.iterations)
+            else:
+                new = int8_from_dense(layer)
+            if isinstance(new, _Shared):
+                new.index_bits = lo.index_bits or None
+                new.bias_bits = lo.bias_bits
+            net.replace_layer(name, new)
 
-        def apply(self, net: nn.Module, round_index: int) -> None:
-            self.check(net)
-            layers = net.layers()
-            for name, lo in self.layer_options.items():
-                layer = layers[name]
-                if isinstance(layer, (_Shared, _Int8)):
-                    continue
-                self.before[name] = (int(layer.weight.numel()), int(dense_mask(layer).sum()))
-                if lo.method == "share":
-                    new = shared_from_dense(layer, lo.bits, lo.init, self.options.seed, self.options.iterations)
-                else:
-                    new = int8_from_dense(layer)
-                if isinstance(new, _Shared):
-                    new.index_bits = lo.index_bits or None
-                    new.bias_bits = lo.bias_bits
-                net.replace_layer(name, new)
+    def hooks(self, net: nn.Module):
+        return TrainHooks()
 
-        def hooks(self, net: nn.Module):
-            return TrainHooks()
-
-        def summary(self, net: nn.Module) -> list[str]:
-            layers = net.layers()
-            out = []
-            for n, (total, remaining) in self.before.items():
-                m = layers[n]
-                what = f"{1 << m.bits} shared values ({m.bits} bits)" if isinstance(m, _Shared) else "int8 per channel"
-                out.append(f"{n}: {what} over {remaining:,} of {total:,} weights")
-            return out
-
-    return QuantizePass
+    def summary(self, net: nn.Module) -> list[str]:
+        layers = net.layers()
+        out = []
+        for n, (total, remaining) in self.before.items():
+            m = layers[n]
+            what = f"{1 << m.bits} shared values ({m.bits} bits)" if isinstance(m, _Shared) else "int8 per channel"
+            out.append(f"{n}: {what} over {remaining:,} of {total:,} weights")
+        return out
