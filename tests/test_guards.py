@@ -201,6 +201,7 @@ def test_cli_train_tiny(tmp_path, capsys):
     text = capsys.readouterr().out
     err = float(re.search(r"test error ([\d.]+)%", text)[1])
     assert "trained on 50000 images; validation error" in text and "(10000 held out)" in text
+    assert not (tmp_path / "m.onnx.ckpt").exists()  # a finished run leaves no checkpoint behind
     assert out.exists()
     from toolchain.accuracy import evaluate_onnx
 

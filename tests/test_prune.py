@@ -81,6 +81,23 @@ def test_density_targets_and_gradual_schedule():
     assert cubic_density(0.1, 2, 3) == pytest.approx(0.1)
 
 
+def test_teacher_is_the_network_before_the_stage_pruned_it():
+    net = import_onnx(mlp_with_dropout())
+    x = torch.randn(5, 1, 28, 28)
+    net.eval()
+    with torch.no_grad():
+        want = net(x)
+    assert make_prune(net, {"fc1": {"density": 0.1}}).hooks(net).teacher is None  # off by default
+    p = make_prune(net, {"fc1": {"density": 0.1}}, rounds=2, teacher=True)
+    p.apply(net, 0)
+    teacher = p.hooks(net).teacher
+    with torch.no_grad():
+        assert torch.equal(teacher(x), want) and not torch.equal(net(x), want)
+    assert not any(q.requires_grad for q in teacher.parameters()) and not teacher.training
+    p.apply(net, 1)
+    assert p.hooks(net).teacher is teacher  # kept from the first round on
+
+
 def test_dropout_rate_scales_with_sqrt_of_connections():
     net = import_onnx(mlp_with_dropout(p=0.5))
     p = make_prune(net, {"fc1": {"density": 0.25}, "fc2": {"density": 0.64}}, remove_dead_neurons=False)

@@ -56,6 +56,7 @@ def run(args) -> int:
     val_err = evaluate(model, (val_x, val_y))
     err = evaluate(model, (data.test_x, data.test_y))
     torch_to_onnx(model.eval(), torch.zeros(1, *spec.input_shape), out)
+    Path(ckpt).unlink(missing_ok=True)  # finished: the checkpoint has served its purpose
     print(f"{args.model}: trained on {len(fit_x)} images; validation error {100 * val_err:.2f}% "
           f"({len(val_x)} held out), test error {100 * err:.2f}% -> wrote {out}")
     return 0

@@ -1,6 +1,7 @@
 """The base of every compression method: CompressionPass and the pass registry (see toolchain.methods)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import ClassVar
 
@@ -79,3 +80,10 @@ class CompressionPass:
         """Short lines describing what the pass did, for the run log."""
         return []
 
+
+def frozen_copy(net: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with gradients off (a distillation teacher)."""
+    teacher = copy.deepcopy(net).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher

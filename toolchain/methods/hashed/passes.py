@@ -16,9 +16,9 @@ import torch.nn as nn
 from ...errors import RecipeError
 from .layers import MAX_VIRTUAL, _Hashed, buckets_for, dense_weight_count, hashed_from_dense
 from ...train import TrainHooks
-from ..base import CompressionPass, register_pass
+from ..base import CompressionPass, frozen_copy, register_pass
 from ...options import option
-from ..lowrank.passes import frozen_copy, layer_seed
+from ..lowrank.passes import layer_seed
 
 
 @dataclass

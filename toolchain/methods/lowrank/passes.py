@@ -25,7 +25,6 @@ fine-tuning (used when [stage.retrain] sets distill_temperature > 0).
 """
 from __future__ import annotations
 
-import copy
 import zlib
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ from ...errors import RecipeError
 from ...train import TrainHooks
 from .layers import (DICTIONARIES, _LowRank, dictionary_factorize, fan_in, make_dictionary, max_rank,
                               random_factors, rank_for_compression, rank_for_energy, svd_factorize)
-from ..base import CompressionPass, register_pass
+from ..base import CompressionPass, frozen_copy, register_pass
 from ...options import option
 
 METHODS = ("svd", "denil")
@@ -114,14 +113,6 @@ def parse_layout(layout):
     if not isinstance(layout, list) or len(layout) not in (2, 3) or not all(isinstance(d, int) and d > 0 for d in layout):
         raise ValueError(f"layout must be 'auto', 'none', [H, W] or [C, H, W], not {layout!r}")
     return tuple(layout)
-
-
-def frozen_copy(net: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with gradients off (a distillation teacher)."""
-    teacher = copy.deepcopy(net).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
 
 
 def layer_seed(seed: int, name: str) -> int:

@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 
 from .layers import _Masked, masked_from_dense
-from ..base import CompressionPass, register_pass
+from ..base import CompressionPass, frozen_copy, register_pass
 from ...options import option
 from .surgery import remove_dead_units
+from ...train import TrainHooks
 
 
 @dataclass
@@ -26,6 +27,7 @@ class PruneOptions:
     schedule: str = option("iterative", choices=("iterative", "gradual"))  # "iterative": same rule every round; "gradual": cubic ramp to `density`
     adjust_dropout: bool = True  # rescale dropout after each pruned layer: D_r = D_o * sqrt(C_r / C_o)
     remove_dead_neurons: bool = True  # after the last round, cut out units with no inputs or no outputs
+    teacher: bool = False  # keep the network as it entered the stage as the dark-knowledge teacher (used when [stage.retrain] sets distill_temperature)
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -80,8 +82,11 @@ class PrunePass(CompressionPass):
         self.original_connections: dict[str, int] = {}
         self.original_dropout: dict[str, float] = {}
         self.removed: dict[str, int] = {}
+        self.teacher: nn.Module | None = None
 
     def apply(self, net: nn.Module, round_index: int) -> None:
+        if self.options.teacher and self.teacher is None:
+            self.teacher = frozen_copy(net)  # before this stage prunes anything
         layers = net.layers()
         for name, lo in self.layer_options.items():
             layer = layers[name]
@@ -107,6 +112,9 @@ class PrunePass(CompressionPass):
             key = f"{name}/{i}"
             p0 = self.original_dropout.setdefault(key, drop.p)
             drop.p = p0 * math.sqrt(connections / self.original_connections[name])
+
+    def hooks(self, net: nn.Module) -> TrainHooks:
+        return TrainHooks(teacher=self.teacher)
 
     def finish(self, net: nn.Module) -> None:
         # A user's own module keeps its shapes: its forward may hard-code them (x.view(-1, 800)), so
