@@ -137,6 +137,41 @@ def test_huffman_round_trips_and_beats_fixed_width_on_skewed_data():
     assert np.array_equal(coding.huffman_decode(one), [7, 7, 7])
 
 
+def test_delta_decode_error_names_the_last_position():
+    bad = coding.DeltaCoded(np.array([1, 1, 5]), np.array([0, 1, 2]), 3, 4)  # positions 0, 1, 6 in 4 entries
+    with pytest.raises(ModelFormatError, match="corrupted index stream: position 6 past the weight's 4 entries"):
+        coding.delta_decode(bad)
+
+
+def test_bit_packing_flattens_and_takes_plain_byte_lists():
+    v = np.arange(12).reshape(3, 4) % 8
+    packed = coding.pack_bits(v, 3)
+    assert np.array_equal(packed, coding.pack_bits(v.reshape(-1), 3)) and packed.size == 5
+    assert np.array_equal(coding.unpack_bits([int(b) for b in packed], 3, 12), v.reshape(-1))
+
+
+def test_huffman_single_symbol_and_tie_breaking():
+    assert coding.huffman_lengths(np.array([5, 5, 5])) == {5: 1}  # one bit per symbol, not zero or two
+    assert coding.huffman_bits(np.array([5, 5, 5])) == 3 and coding.huffman_encode(np.array([5, 5, 5])).nbits == 3
+    # ties: a merged node queues after the leaves of the same count (the code with the shortest longest word)
+    s = np.repeat(np.arange(7), [1, 1, 1, 1, 2, 2, 4])
+    assert coding.huffman_lengths(s) == {0: 3, 1: 3, 2: 3, 3: 3, 4: 3, 5: 3, 6: 2}
+    assert coding.huffman_lengths(np.repeat(np.arange(5), [1, 1, 2, 2, 4])) == {0: 3, 1: 3, 2: 2, 3: 2, 4: 2}
+    assert np.array_equal(coding.huffman_decode(coding.huffman_encode(s)), s)
+
+
+def test_huffman_decode_corruption_messages():
+    # codes 0 -> "0", 1 -> "10", 2 -> "11": a stream "1" stops inside a code
+    cut = coding.HuffmanCoded(np.packbits(np.array([1], np.uint8)), 1, 1, {0: 1, 1: 2, 2: 2})
+    with pytest.raises(ModelFormatError, match="^corrupted Huffman stream: ends inside a code$"):
+        coding.huffman_decode(cut)
+    # a one-symbol code "0": "10" is no code at all
+    for bits in ([1], [1, 0]):  # found as soon as the longest code length is read, stream end or not
+        bad = coding.HuffmanCoded(np.packbits(np.array(bits, np.uint8)), len(bits), 1, {7: 1})
+        with pytest.raises(ModelFormatError, match="^corrupted Huffman stream: no symbol has this code$"):
+            coding.huffman_decode(bad)
+
+
 # ----------------------------------------------------------------------------- ONNX
 def _net(seed=0, density=0.25):
     torch.manual_seed(seed)
