@@ -292,6 +292,123 @@ def test_int8_qdq_and_dense_form_run_in_stock_onnxruntime(tmp_path):
     assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max() + 1e-3
 
 
+def test_int8_layers_keep_bias_absence_and_groups():
+    from toolchain.methods.quantize.layers import Int8Conv2d, Int8Linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 3, bias=False)
+    q = int8_from_dense(lin)
+    assert isinstance(q, Int8Linear) and q.bias is None and "bias" not in q.state_dict()
+    assert Int8Conv2d(4, 6, 3).groups == 1 and Int8Conv2d(4, 6, 3).weight.shape == (6, 4, 3, 3)  # nn.Conv2d's default
+    conv = nn.Conv2d(4, 6, 3, groups=2)
+    qc = int8_from_dense(conv)
+    assert isinstance(qc, Int8Conv2d) and qc.groups == 2 and qc.weight.shape == (6, 2, 3, 3)
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        assert torch.allclose(qc(x), nn.functional.conv2d(x, qc.weight, qc.bias, groups=2))
+        assert torch.allclose(qc(x), conv(x), atol=0.02)
+
+
+def test_dense_form_keeps_conv_geometry_bias_absence_and_plain_layers():
+    from toolchain.methods.quantize.onnx import densify
+
+    torch.manual_seed(0)
+    seq = nn.Sequential()
+    seq.add_module("conv1", nn.Conv2d(1, 4, 3, padding=1, bias=False))
+    seq.add_module("relu1", nn.ReLU())
+    seq.add_module("conv2", nn.Conv2d(4, 4, 3, stride=2, groups=2))
+    seq.add_module("flat", nn.Flatten())
+    seq.add_module("ip1", nn.Linear(36, 10))  # stays a plain layer
+    net = from_module(seq, torch.zeros(1, 1, 8, 8))
+    net.replace_layer("conv1", shared_from_dense(net.layers()["conv1"], 2))
+    net.replace_layer("conv2", int8_from_dense(net.layers()["conv2"]))
+    net.eval()
+    d = densify(net).eval()
+    layers = d.layers()
+    assert [type(m) for m in layers.values()] == [nn.Conv2d, nn.Conv2d, nn.Linear]
+    c1, c2 = layers["conv1"], layers["conv2"]
+    assert c1.bias is None and c1.padding == (1, 1) and c1.kernel_size == (3, 3)
+    assert c2.stride == (2, 2) and c2.groups == 2 and c2.padding == (0, 0) and c2.bias is not None
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(d(x), net(x), atol=1e-6)
+    assert isinstance(net.layers()["conv1"], SharedConv2d)  # the original is untouched
+
+
+def test_fast_form_nodes_and_initializers_are_named_after_the_layer():
+    from toolchain import kernels
+    from toolchain.exporter import export_compressed
+
+    for kind, arrays in (("share", ["codebook", "codes", "deltas", "row_ptr", "bias"]),
+                         ("int8", ["values", "deltas", "row_ptr", "scales", "bias"])):
+        net = _net(seed=2, density=0.6).eval()
+        for name, layer in list(net.layers().items()):
+            new = int8_from_dense(layer) if kind == "int8" else shared_from_dense(layer, 2 if name == "conv1" else 4)
+            net.replace_layer(name, new)
+        model = export_compressed(net, None, form="fast")
+        nodes = [n for n in model.graph.node if n.domain == kernels.DOMAIN]
+        assert [n.name for n in nodes] == ["ip1", "ip2"]
+        for n in nodes:
+            assert list(n.input[1:]) == [f"{n.name}.{a}" for a in arrays]
+        inits = {t.name for t in model.graph.initializer}
+        assert all(i in inits for n in nodes for i in n.input[1:])
+
+
+def _group_record(fields, width, bits, layers, size, codebook):
+    """A decode_group record and its initializers for raw (delta, code) fields."""
+    f = width + bits
+    v = np.array([d | (c << width) for d, c in fields], np.int64)
+    packed = np.packbits(((v[:, None] >> np.arange(f)) & 1).astype(np.uint8).reshape(-1), bitorder="little")
+    rec = {"layers": layers, "bits": bits, "width": width, "entries": len(fields), "size": size,
+           "codebook": "cb", "packed": "pk"}
+    inits = {"cb": onnx.numpy_helper.from_array(np.asarray(codebook, np.float32), "cb"),
+             "pk": onnx.numpy_helper.from_array(packed, "pk")}
+    return rec, inits
+
+
+def test_decode_group_checks_stream_and_codebook():
+    from toolchain.methods.quantize.onnx import decode_group, unpack_fields
+
+    cb = [0.5, -1.0, 2.0, 3.0]
+    rec, inits = _group_record([(2, 1), (2, 3)], 3, 2, [("a", 2, 0, 4)], 4, cb)  # positions 1 and 3 of 4
+    book, codes, mask = decode_group(rec, inits)["a"]
+    assert np.array_equal(book, cb) and np.array_equal(codes, [0, 1, 0, 3]) and np.array_equal(mask, [0, 1, 0, 1])
+    rec, inits = _group_record([(5, 1)], 3, 2, [("a", 2, 0, 4)], 5, cb)  # position 4: just past the layer's 4
+    with pytest.raises(ModelFormatError, match="corrupted index stream: weights past the last layer"):
+        decode_group(rec, inits)
+    rec, inits = _group_record([(1, 2)], 3, 2, [("a", 1, 0, 4)], 4, cb)  # a 1-bit layer with code 2
+    with pytest.raises(ModelFormatError, match="corrupted code stream: layer 'a' has codes past its 2 shared values"):
+        decode_group(rec, inits)
+    rec, inits = _group_record([(1, 0)], 3, 2, [("a", 2, 0, 4)], 4, [0.5, np.inf, 2.0, 3.0])
+    with pytest.raises(ModelFormatError, match="corrupted codebook 'cb': non-finite values"):
+        decode_group(rec, inits)
+    good = unpack_fields(np.array([0b101011], np.uint8), 1, 3, 3)
+    assert [int(a) for a in good[0]] == [3] and [int(a) for a in good[1]] == [5]
+    for bad in (np.array([43], np.int64), np.array([[43]], np.uint8), np.array([43, 0], np.uint8)):
+        with pytest.raises(ModelFormatError, match="corrupted code stream"):
+            unpack_fields(bad, 1, 3, 3)
+
+
+def test_imported_scatter_and_dequantize_follow_onnx():
+    from toolchain.methods.quantize.onnx import DequantizeLinear, ScatterElements
+
+    data = torch.zeros(2, 3)
+    upd = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    rows = torch.tensor([[0, 1, -1], [1, 0, 0]])  # out[rows[i, j], j] = upd[i, j]; -1 is the last row
+    assert torch.equal(ScatterElements()(data, rows, upd), torch.tensor([[1.0, 5.0, 6.0], [4.0, 2.0, 3.0]]))  # axis 0
+    cols = torch.tensor([[0, 2, 1], [-1, 0, 1]])  # out[i, cols[i, j]] = upd[i, j]
+    assert torch.equal(ScatterElements(1)(data, cols, upd), torch.tensor([[1.0, 3.0, 2.0], [5.0, 6.0, 4.0]]))
+    with pytest.raises(IndexError):
+        ScatterElements()(data, torch.tensor([[2, 0, 0]]), upd[:1])
+    x = torch.tensor([[10, -20, 30], [4, 5, -6]], dtype=torch.int8)
+    two = torch.tensor([0.5, 2.0])  # per-row (axis 0) scales: two of them
+    assert torch.equal(DequantizeLinear(0)(x, two), x.float() * two[:, None])
+    assert torch.equal(DequantizeLinear(1)(x, torch.tensor(0.25)), x.float() * 0.25)
+    zp = torch.tensor([1, -1, 0], dtype=torch.int8)
+    assert torch.equal(DequantizeLinear(1)(x, torch.tensor([1.0, 2.0, 3.0]), zp),
+                       (x.float() - zp.float()) * torch.tensor([1.0, 2.0, 3.0]))
+
+
 # ----------------------------------------------------------------------------- recipe
 def test_recipe_prune_then_share_composes_and_validates():
     from toolchain.driver import compress_network
