@@ -1,6 +1,8 @@
 """Deep Compression's weight sharing, compact coding and int8 (toolchain/methods/quantize)."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -451,6 +453,91 @@ def test_hashed_layer_cannot_be_quantized():
     with pytest.raises(RecipeError, match="hashed"):
         compress_network(net, parse_recipe('[[stage]]\npass = "quantize"\n[stage.layers.ip1]\nbits = 2\n'), None,
                          progress=False)
+
+
+def _quantize_pass(layers, **opts):
+    from toolchain.methods import get_pass
+    from toolchain.methods.quantize.pass_ import QuantizeLayerOptions, QuantizeOptions
+
+    return get_pass("quantize")(QuantizeOptions(**opts), {n: QuantizeLayerOptions(**o) for n, o in layers.items()})
+
+
+def test_quantize_layer_options_reject_bad_values_by_name():
+    from toolchain.methods.quantize.pass_ import QuantizeLayerOptions
+    from toolchain.recipe import parse_recipe
+
+    assert QuantizeLayerOptions(bias_bits=16).bias_bits == 16 and QuantizeLayerOptions(bias_bits=32).bias_bits == 32
+    table = '[[stage]]\npass = "quantize"\n[stage.layers.default]\nbias_bits = 16\n'
+    assert parse_recipe(table).stages[0].make_pass(_net()).layer_options["ip2"].bias_bits == 16
+    for kw, msg in ((dict(method="fp4"), "^method must be one of share, int8, not 'fp4'$"),
+                    (dict(init="kmeans++"), "^init must be one of linear, density, random, not 'kmeans[+][+]'$"),
+                    (dict(bits=True), "^bits must be an integer in 1..8, not True$"),
+                    (dict(bits=2.5), "^bits must be an integer in 1..8, not 2.5$"),
+                    (dict(bits=9), "^bits must be an integer in 1..8, not 9$"),
+                    (dict(bias_bits=8), "^bias_bits must be 16 or 32, not 8$")):
+        with pytest.raises(ValueError, match=msg):
+            QuantizeLayerOptions(**kw)
+
+
+def test_quantize_check_refuses_generated_weights_and_odd_padding():
+    from toolchain.methods.hashed.layers import hashed_from_dense
+    from toolchain.methods.lowrank.layers import svd_factorize
+
+    why = r"its weights are generated \(hashed / low-rank\), there is no weight matrix to share values over$"
+    for make, kind in ((lambda m: hashed_from_dense(m, 50, 1), "HashedLinear"), (lambda m: svd_factorize(m, 2), "LowRankLinear")):
+        net = _net()
+        net.replace_layer("ip1", make(net.layers()["ip1"]))
+        with pytest.raises(RecipeError, match=f"^quantize: layer 'ip1' is a {kind}: " + why):
+            _quantize_pass({"ip1": {"bits": 2}}).check(net)
+        _quantize_pass({"ip2": {"bits": 2}}).check(net)  # the other layers are fine
+    for conv, mode in ((nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), "reflect"),
+                       (nn.Conv2d(1, 4, 3, padding=1, padding_mode="circular"), "circular")):
+        net = _net(density=1.0)
+        net.replace_layer("conv1", conv)
+        with pytest.raises(RecipeError, match=f"^quantize: layer 'conv1': padding_mode '{mode}' is not supported$"):
+            _quantize_pass({"conv1": {"bits": 2}}).check(net)
+    net = _net(density=1.0)
+    net.replace_layer("conv1", nn.Conv2d(1, 4, 3, padding="same"))
+    with pytest.raises(RecipeError, match="not supported"):
+        _quantize_pass({"conv1": {"bits": 2}}).check(net)
+    _quantize_pass({"conv1": {"bits": 2}}).check(_net(density=1.0))  # zero padding is fine
+
+
+def test_quantize_check_allows_exactly_two_to_the_bits_remaining_weights():
+    net = _net(density=1.0)
+    with torch.no_grad():
+        w = net.layers()["ip2"].weight  # 5 x 20
+        w.view(-1)[8:] = 0  # 8 remaining weights
+        w.view(-1)[:8] = torch.arange(1.0, 9.0)
+    _quantize_pass({"ip2": {"bits": 3}}).check(net)  # 8 shared values for 8 weights: fine
+    p = _quantize_pass({"ip2": {"bits": 3}})
+    p.apply(net, 0)
+    assert torch.equal(net.layers()["ip2"].weight.view(-1)[:8], torch.arange(1.0, 9.0))
+    net = _net(density=1.0)
+    with torch.no_grad():
+        net.layers()["ip2"].weight.view(-1)[7:] = 0  # 7 remaining weights
+    with pytest.raises(RecipeError, match="^quantize: layer 'ip2': 8 shared values \\(3 bits\\) for only 7 remaining weights$"):
+        _quantize_pass({"ip2": {"bits": 3}}).check(net)
+
+
+def test_quantize_pass_passes_options_through_and_summarises():
+    net = _net(seed=1)
+    ref = {n: copy.deepcopy(m) for n, m in net.layers().items()}
+    counts = {n: (m.weight.numel(), int((m.weight != 0).sum())) for n, m in net.layers().items()}
+    p = _quantize_pass({"conv1": {"method": "int8"}, "ip1": {"bits": 3, "init": "random", "index_bits": 3, "bias_bits": 16},
+                        "ip2": {"bits": 2}}, seed=7, iterations=2)
+    p.apply(net, 0)
+    layers = net.layers()
+    expect = shared_from_dense(ref["ip1"], 3, "random", 7, 2)
+    assert torch.equal(layers["ip1"].codebook, expect.codebook) and torch.equal(layers["ip1"].codes, expect.codes)
+    assert not torch.equal(expect.codebook, shared_from_dense(ref["ip1"], 3, "random", 2, 100).codebook)
+    assert layers["ip1"].index_bits == 3 and layers["ip1"].bias_bits == 16
+    assert layers["ip2"].index_bits is None and layers["ip2"].bias_bits == 32  # 0: automatic
+    assert torch.equal(layers["conv1"].qweight, int8_from_dense(ref["conv1"]).qweight)
+    assert p.summary(net) == [
+        f"conv1: int8 per channel over {counts['conv1'][1]:,} of 36 weights",
+        f"ip1: 8 shared values (3 bits) over {counts['ip1'][1]:,} of 2,880 weights",
+        f"ip2: 4 shared values (2 bits) over {counts['ip2'][1]:,} of 100 weights"]
 
 
 # ----------------------------------------------------------------------------- fast form
