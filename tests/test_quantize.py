@@ -484,7 +484,8 @@ def test_quantize_check_refuses_generated_weights_and_odd_padding():
     from toolchain.methods.lowrank.layers import svd_factorize
 
     why = r"its weights are generated \(hashed / low-rank\), there is no weight matrix to share values over$"
-    for make, kind in ((lambda m: hashed_from_dense(m, 50, 1), "HashedLinear"), (lambda m: svd_factorize(m, 2), "LowRankLinear")):
+    for make, kind in ((lambda m: hashed_from_dense(m, 50, 1), "HashedLinear"),
+                       (lambda m: svd_factorize(m, 2), "LowRankLinear")):
         net = _net()
         net.replace_layer("ip1", make(net.layers()["ip1"]))
         with pytest.raises(RecipeError, match=f"^quantize: layer 'ip1' is a {kind}: " + why):
@@ -516,7 +517,8 @@ def test_quantize_check_allows_exactly_two_to_the_bits_remaining_weights():
     net = _net(density=1.0)
     with torch.no_grad():
         net.layers()["ip2"].weight.view(-1)[7:] = 0  # 7 remaining weights
-    with pytest.raises(RecipeError, match="^quantize: layer 'ip2': 8 shared values \\(3 bits\\) for only 7 remaining weights$"):
+    with pytest.raises(RecipeError,
+                       match=r"^quantize: layer 'ip2': 8 shared values \(3 bits\) for only 7 remaining weights$"):
         _quantize_pass({"ip2": {"bits": 3}}).check(net)
 
 
@@ -524,7 +526,8 @@ def test_quantize_pass_passes_options_through_and_summarises():
     net = _net(seed=1)
     ref = {n: copy.deepcopy(m) for n, m in net.layers().items()}
     counts = {n: (m.weight.numel(), int((m.weight != 0).sum())) for n, m in net.layers().items()}
-    p = _quantize_pass({"conv1": {"method": "int8"}, "ip1": {"bits": 3, "init": "random", "index_bits": 3, "bias_bits": 16},
+    p = _quantize_pass({"conv1": {"method": "int8"},
+                        "ip1": {"bits": 3, "init": "random", "index_bits": 3, "bias_bits": 16},
                         "ip2": {"bits": 2}}, seed=7, iterations=2)
     p.apply(net, 0)
     layers = net.layers()
