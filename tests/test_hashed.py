@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections import OrderedDict
@@ -15,7 +16,7 @@ import torch.nn as nn
 from toolchain.errors import RecipeError
 from toolchain.methods.hashed.layers import (PRIME, HashedConv2d, HashedLinear, fmix32, hash_buckets, hash_coefficients,
                                      hash_signs, hashed_from_dense, poly_hash)
-from toolchain.methods.hashed.baselines import equivalent_width, hashed_mlp, mlp_weights, random_keep_mask
+from toolchain.methods.hashed.baselines import equivalent_width, hashed_mlp, mlp, mlp_weights, random_keep_mask
 from toolchain.methods.lowrank.passes import layer_seed
 from toolchain.recipe import parse_recipe
 
@@ -338,3 +339,71 @@ def test_hashed_file_reimports_as_hashed_layers(tmp_path, caplog):
     assert isinstance(edited.layers()["ip1"], nn.Linear) and isinstance(edited.layers()["ip2"], HashedLinear)
     assert "does not reproduce its weight" in caplog.text
     assert torch.allclose(edited(x), net(x), atol=1e-6)
+
+
+def test_equivalent_width_is_exact_whatever_the_closed_form_estimate(monkeypatch):
+    import types
+
+    from toolchain.methods.hashed import baselines
+
+    with pytest.raises(ValueError, match="need at least one hidden layer"):
+        equivalent_width(784, 10, 0, 10_000)
+    # a = 0 (one hidden layer): (2b - 1) / b rounds to 2.0 in floats, but h = 2 is over budget
+    b = 10**17
+    assert equivalent_width(b - 5, 5, 1, 2 * b - 1) == 1
+    assert equivalent_width(b - 5, 5, 1, 2 * b) == 2
+    # the closed form only seeds the search: an estimate that is too low or too high is corrected
+    budget = mlp_weights([784, 300, 300, 10])
+    for off in (-20.0, 0.0, 20.0):
+        monkeypatch.setattr(baselines, "math", types.SimpleNamespace(sqrt=lambda v, off=off: math.sqrt(v) + off))
+        assert equivalent_width(784, 10, 2, budget) == 300
+        assert equivalent_width(784, 10, 2, budget - 1) == 299
+    monkeypatch.undo()
+    assert equivalent_width(784, 10, 2, 100) == 1  # a budget below one unit still gives width 1
+
+
+def test_mlp_and_hashed_mlp_layout():
+    assert list(mlp([6, 5, 4, 3])._modules) == ["flatten", "fc1", "relu1", "fc2", "relu2", "fc3"]  # no ReLU at the end
+    assert list(mlp([6, 5, 3], dropout=0.5)._modules) == ["flatten", "fc1", "relu1", "drop1", "fc2"]
+    net = hashed_mlp([6, 5, 4, 3], 0.5, seed=7)
+    assert list(net._modules) == ["flatten", "fc1", "relu1", "fc2", "relu2", "fc3"]  # dropout defaults to none
+    hashed = [m for m in net if isinstance(m, HashedLinear)]
+    assert [m.seed for m in hashed] == [layer_seed(7, f"fc{i}") for i in (1, 2, 3)]
+    assert [m.buckets for m in hashed] == [15, 10, 6]
+    net.train()
+    x = torch.randn(4, 6)
+    assert torch.equal(net(x), net(x))  # nothing random in training mode without dropout
+
+
+def test_random_keep_mask_is_a_boolean_mask():
+    m = random_keep_mask((3, 4), 0.5, seed=0)
+    assert m.dtype == torch.bool and m.shape == (3, 4) and int(m.sum()) == 6
+    w = torch.arange(12.0).reshape(3, 4)
+    assert w[m].numel() == 6 and w[~m].numel() == 6  # usable as an index, and negatable
+
+
+def test_random_edges_density_bounds():
+    from toolchain.methods.hashed.baselines import RandomEdgesLayerOptions
+
+    assert RandomEdgesLayerOptions(density=1.0).density == 1.0  # keep everything: allowed
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+            RandomEdgesLayerOptions(density=bad)
+    with pytest.raises(RecipeError, match="density"):
+        parse_recipe("[[stage]]\npass = \"random_edges\"\n[stage.layers.default]\ndensity = 1.5\n")
+
+
+def test_random_edges_init_random_reinitialises_keep_keeps():
+    net = from_module(small_mlp(), torch.zeros(2, 1, 8, 8))
+    w1 = net.layers()["ip1"].weight.detach().clone()
+    recipe = parse_recipe("[[stage]]\npass = \"random_edges\"\n[stage.layers.ip1]\ndensity = 0.5\n"
+                          "[stage.layers.ip2]\ndensity = 0.5\ninit = \"random\"\n")
+    recipe.stages[0].make_pass(net).apply(net, 0)
+    ip1, ip2 = net.layers()["ip1"], net.layers()["ip2"]
+    assert torch.equal(ip1.weight.detach(), w1 * ip1.mask)  # "keep": the trained weights, masked
+    fresh = nn.Linear(32, 10)
+    torch.manual_seed(layer_seed(0, "ip2"))
+    fresh.reset_parameters()
+    mask = random_keep_mask((10, 32), 0.5, layer_seed(0, "ip2"))
+    assert torch.equal(ip2.weight.detach(), fresh.weight.detach() * mask)  # "random": re-initialised from its seed
+    assert torch.equal(ip2.bias.detach(), fresh.bias.detach())

@@ -10,8 +10,8 @@ import torch.nn as nn
 
 from toolchain.errors import RecipeError
 from toolchain.methods.lowrank.layers import (LowRankConv2d, LowRankLinear, dictionary_factorize, kernel_dictionary,
-                                      make_dictionary, rank_for_energy, svd_factorize)
-from toolchain.methods.lowrank.passes import input_layouts
+                                      make_dictionary, random_factors, rank_for_energy, svd_factorize)
+from toolchain.methods.lowrank.passes import _value_shapes, input_layouts
 from toolchain.recipe import parse_recipe
 
 from converters import from_module
@@ -157,12 +157,45 @@ def test_conv_dictionary_and_random_init():
     assert 0.5 < ratio < 2  # the default-init variance
 
 
+def test_random_factors_redraw_the_bias_symmetrically():
+    torch.manual_seed(0)
+    dense = nn.Linear(25, 400)
+    f = random_factors(dense, 5, torch.Generator().manual_seed(3))
+    bound = 1 / 25 ** 0.5  # PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    b = f.bias.detach()
+    assert not torch.equal(b, dense.bias.detach())
+    assert float(b.abs().max()) <= bound and float(b.min()) < -0.8 * bound and float(b.max()) > 0.8 * bound
+    assert abs(float(b.mean())) < 0.1 * bound
+
+
+def test_learned_parameters_with_and_without_bias():
+    torch.manual_seed(0)
+    for bias in (True, False):
+        dense = nn.Linear(30, 20, bias=bias)
+        f = svd_factorize(dense, 4)
+        assert f.learned_parameters() == 4 * 30 + 20 * 4 + (20 if bias else 0)  # both factors trained
+        a = make_dictionary("identity", 30, 6, np.random.default_rng(0))
+        d = dictionary_factorize(dense, torch.as_tensor(a, dtype=torch.float32), "fit", torch.Generator(), "identity")
+        assert d.learned_parameters() == 20 * 6 + (20 if bias else 0)  # fixed basis: coef (and bias) only
+        assert d.stored_parameters() == 6 * 30 + 20 * 6 + (20 if bias else 0)
+
+
 # ----- pass ----------------------------------------------------------------------------------------
 
 def test_input_layouts_found_through_flatten():
     assert input_layouts(from_module(lenet300(), torch.zeros(2, 1, 28, 28)), ["ip1", "ip2"]) == {"ip1": (28, 28), "ip2": None}
     assert input_layouts(from_module(lenet5(), torch.zeros(2, 1, 28, 28)), ["conv1", "conv2", "ip1", "ip2"]) == {
         "conv1": (5, 5), "conv2": (20, 5, 5), "ip1": (50, 4, 4), "ip2": None}
+
+
+@pytest.mark.parametrize("dims", [[0, 1, 28, 28], [None, 1, 28, 28], ["N", 1, 28, 28], [2, 1, 28, 28]])
+def test_value_shapes_are_at_batch_one_whatever_the_declared_batch(dims):
+    net = from_module(lenet300(), torch.zeros(2, 1, 28, 28))
+    net.input_shapes["input"] = dims  # 0: an unknown dimension as some exporters write it
+    shapes = _value_shapes(net)
+    batch = 2 if dims[0] == 2 else 1
+    assert shapes["input"] == (batch, 1, 28, 28) and shapes["flatten_out"] == (batch, 784)
+    assert shapes["output"] == (batch, 10)
 
 
 def test_svd_pass_by_compression_and_energy():
@@ -199,6 +232,8 @@ def test_denil_pass_on_lenet5():
     ("[stage.layers.ip2]\nrank = 101", "rank 101 is larger than the layer allows (100"),
     ("[stage.layers.ip2]\nmethod = \"denil\"\nrank = 301", "dictionary size 301 is larger than the layer allows (300"),
     ("[stage.layers.ip3]\ncompression = 0.01", "compression 0.01 leaves a rank of 0"),
+    ("[stage.layers.ip3]\ncompression = 0.01", "(rank 1 needs compression >= 0.11)"),  # (o + f) / (o f), 10 x 100
+    ("[stage.layers.ip3]\nmethod = \"denil\"\ncompression = 0.001", "(dictionary size 1 needs compression >= 0.01)"),
     ("[stage.layers.ip1]\ncompression = 1.2", "compression must be in (0, 1]"),
     ("[stage.layers.ip1]\ncompression = 0", "compression must be in (0, 1]"),
     ("[stage.layers.ip1]\nmethod = \"denil\"\ndictionary = \"fourier\"\ncompression = 0.1", "unknown dictionary 'fourier'"),

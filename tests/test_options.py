@@ -111,3 +111,38 @@ def test_declare_rules_for_a_class_declared_elsewhere():
         check_table(Plain, {"k": 5, "s": "q"})
     finally:
         del EXTRA_RULES[Plain]
+
+
+def test_option_builds_fields_at_call_time():
+    # (Opts above is built at import; these calls run inside the test)
+    ranged = option(3, "[1, 5]")
+    assert dict(ranged.metadata) == {"range": Interval.parse("[1, 5]")} and ranged.default == 3
+    chosen = option("x", choices=["x", "y"])
+    assert dict(chosen.metadata) == {"choices": ("x", "y")}  # a tuple, whatever sequence was given
+    plain = option(1)
+    assert dict(plain.metadata) == {} and plain.default == 1
+
+    @dataclasses.dataclass
+    class Local:
+        items: list = option([1, 2])
+        table: dict = option({"a": 1})
+        pick: str = option("x", choices=("x", "y"))
+
+    a, b = Local(), Local()
+    assert a.items == [1, 2] and a.table == {"a": 1} and a.items is not b.items and a.table is not b.table
+    check_table(Local, {"pick": "y"})
+    with pytest.raises(ValueError, match="^unknown pick 'z': pick must be one of 'x', 'y'$"):
+        check_table(Local, {"pick": "z"})
+
+
+def test_type_names_of_generic_and_other_types():
+    assert type_name(dict[str, int]) == "table" and type_name(list[int]) == "list"
+    assert type_name(list[int] | None) == "list or none" and type_name(tuple) == "tuple"
+    assert type_name(tuple[int, int]) == "tuple" and type_name(Interval) == "Interval"
+
+
+def test_interval_parse_message_and_minus_infinity():
+    with pytest.raises(ValueError, match=r"^bad interval '0, 1'$"):
+        Interval.parse("0, 1")
+    iv = Interval.parse("[-inf, 0]")
+    assert iv.lo == -math.inf and -1e300 in iv and 1 not in iv

@@ -177,3 +177,65 @@ def test_sensitivity_table_and_plot(tmp_path, lenet300_path, capsys):
     assert png.stat().st_size > 1000
     assert main(["sensitivity", str(lenet300_path), "--densities", "1.5", "-o", str(png)]) == 2
     assert main(["sensitivity", str(lenet300_path), "--layers", "fc9", "-o", str(png)]) == 2
+
+
+def _dead_rows(net, n=4):
+    with torch.no_grad():
+        net.layers()["fc1"].weight[:n] = 0  # n units of fc1 get no input: dead
+
+
+def test_finish_removes_dead_units_from_imported_graphs_only():
+    from collections import OrderedDict
+
+    from converters import from_module
+
+    net = import_onnx(mlp_with_dropout())
+    _dead_rows(net)
+    x = torch.rand(3, 1, 28, 28)
+    ref = net.eval()(x).detach()
+    p = make_prune(net, {"fc1": {"density": 1.0}})
+    p.finish(net)
+    assert net.layers()["fc1"].out_features == 60 and p.removed == {"fc1": 4}
+    assert torch.allclose(net.eval()(x), ref, atol=1e-5)
+    assert "fc1: removed 4 dead neurons/channels" in p.summary(net)
+    # a user's own module keeps its shapes (its forward may hard-code them)
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(OrderedDict(flatten=torch.nn.Flatten(), fc1=torch.nn.Linear(784, 64),
+                                          relu1=torch.nn.ReLU(), fc2=torch.nn.Linear(64, 10)))
+    own = from_module(seq, torch.zeros(1, 1, 28, 28))
+    _dead_rows(own)
+    p = make_prune(own, {"fc1": {"density": 1.0}})
+    p.finish(own)
+    assert own.layers()["fc1"].out_features == 64 and p.removed == {}
+    # remove_dead_neurons = false: nothing removed
+    net = import_onnx(mlp_with_dropout())
+    _dead_rows(net)
+    make_prune(net, {"fc1": {"density": 1.0}}, remove_dead_neurons=False).finish(net)
+    assert net.layers()["fc1"].out_features == 64
+
+
+def test_csr_to_dense_is_float32():
+    from toolchain.methods.prune.csr import csr_to_dense
+
+    out = csr_to_dense(np.array([1.5, 2.0, 0.25], np.float32), np.array([0, 2, 2], np.int32),
+                       np.array([0, 1, 3], np.int32), 3)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, [[1.5, 0, 0], [0, 0, 2.25]])  # duplicates summed
+
+
+def test_sparse_positions_accept_adjacent_weights_and_name_the_weight():
+    from toolchain.errors import ModelFormatError
+    from toolchain.methods.prune.sparse_format import EncodedSparse, positions
+
+    adjacent = EncodedSparse(np.ones(3, np.float32), np.array([0, 1, 2], np.int32), "positions", 3)
+    np.testing.assert_array_equal(positions(adjacent), [0, 1, 2])
+    gaps = EncodedSparse(np.ones(3, np.float32), np.array([1, 1, 1], np.uint8), "gaps", 3)
+    np.testing.assert_array_equal(positions(gaps), [0, 1, 2])
+    repeated = EncodedSparse(np.ones(2, np.float32), np.array([1, 1], np.int32), "positions", 5)
+    with pytest.raises(ModelFormatError, match=r"^sparse weight: positions are not strictly increasing"):
+        positions(repeated)
+    with pytest.raises(ModelFormatError, match=r"^fc1\.weight: positions are not strictly increasing"):
+        positions(repeated, "fc1.weight")
+    floats = EncodedSparse(np.ones(2, np.float32), np.array([0.0, 1.0]), "positions", 5)
+    with pytest.raises(ModelFormatError, match="indices must be integers, not float64"):
+        positions(floats)

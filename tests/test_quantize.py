@@ -1,6 +1,8 @@
 """Deep Compression's weight sharing, compact coding and int8 (toolchain/methods/quantize)."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -137,6 +139,41 @@ def test_huffman_round_trips_and_beats_fixed_width_on_skewed_data():
     assert np.array_equal(coding.huffman_decode(one), [7, 7, 7])
 
 
+def test_delta_decode_error_names_the_last_position():
+    bad = coding.DeltaCoded(np.array([1, 1, 5]), np.array([0, 1, 2]), 3, 4)  # positions 0, 1, 6 in 4 entries
+    with pytest.raises(ModelFormatError, match="corrupted index stream: position 6 past the weight's 4 entries"):
+        coding.delta_decode(bad)
+
+
+def test_bit_packing_flattens_and_takes_plain_byte_lists():
+    v = np.arange(12).reshape(3, 4) % 8
+    packed = coding.pack_bits(v, 3)
+    assert np.array_equal(packed, coding.pack_bits(v.reshape(-1), 3)) and packed.size == 5
+    assert np.array_equal(coding.unpack_bits([int(b) for b in packed], 3, 12), v.reshape(-1))
+
+
+def test_huffman_single_symbol_and_tie_breaking():
+    assert coding.huffman_lengths(np.array([5, 5, 5])) == {5: 1}  # one bit per symbol, not zero or two
+    assert coding.huffman_bits(np.array([5, 5, 5])) == 3 and coding.huffman_encode(np.array([5, 5, 5])).nbits == 3
+    # ties: a merged node queues after the leaves of the same count (the code with the shortest longest word)
+    s = np.repeat(np.arange(7), [1, 1, 1, 1, 2, 2, 4])
+    assert coding.huffman_lengths(s) == {0: 3, 1: 3, 2: 3, 3: 3, 4: 3, 5: 3, 6: 2}
+    assert coding.huffman_lengths(np.repeat(np.arange(5), [1, 1, 2, 2, 4])) == {0: 3, 1: 3, 2: 2, 3: 2, 4: 2}
+    assert np.array_equal(coding.huffman_decode(coding.huffman_encode(s)), s)
+
+
+def test_huffman_decode_corruption_messages():
+    # codes 0 -> "0", 1 -> "10", 2 -> "11": a stream "1" stops inside a code
+    cut = coding.HuffmanCoded(np.packbits(np.array([1], np.uint8)), 1, 1, {0: 1, 1: 2, 2: 2})
+    with pytest.raises(ModelFormatError, match="^corrupted Huffman stream: ends inside a code$"):
+        coding.huffman_decode(cut)
+    # a one-symbol code "0": "10" is no code at all
+    for bits in ([1], [1, 0]):  # found as soon as the longest code length is read, stream end or not
+        bad = coding.HuffmanCoded(np.packbits(np.array(bits, np.uint8)), len(bits), 1, {7: 1})
+        with pytest.raises(ModelFormatError, match="^corrupted Huffman stream: no symbol has this code$"):
+            coding.huffman_decode(bad)
+
+
 # ----------------------------------------------------------------------------- ONNX
 def _net(seed=0, density=0.25):
     torch.manual_seed(seed)
@@ -257,6 +294,123 @@ def test_int8_qdq_and_dense_form_run_in_stock_onnxruntime(tmp_path):
     assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max() + 1e-3
 
 
+def test_int8_layers_keep_bias_absence_and_groups():
+    from toolchain.methods.quantize.layers import Int8Conv2d, Int8Linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 3, bias=False)
+    q = int8_from_dense(lin)
+    assert isinstance(q, Int8Linear) and q.bias is None and "bias" not in q.state_dict()
+    assert Int8Conv2d(4, 6, 3).groups == 1 and Int8Conv2d(4, 6, 3).weight.shape == (6, 4, 3, 3)  # nn.Conv2d's default
+    conv = nn.Conv2d(4, 6, 3, groups=2)
+    qc = int8_from_dense(conv)
+    assert isinstance(qc, Int8Conv2d) and qc.groups == 2 and qc.weight.shape == (6, 2, 3, 3)
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        assert torch.allclose(qc(x), nn.functional.conv2d(x, qc.weight, qc.bias, groups=2))
+        assert torch.allclose(qc(x), conv(x), atol=0.02)
+
+
+def test_dense_form_keeps_conv_geometry_bias_absence_and_plain_layers():
+    from toolchain.methods.quantize.onnx import densify
+
+    torch.manual_seed(0)
+    seq = nn.Sequential()
+    seq.add_module("conv1", nn.Conv2d(1, 4, 3, padding=1, bias=False))
+    seq.add_module("relu1", nn.ReLU())
+    seq.add_module("conv2", nn.Conv2d(4, 4, 3, stride=2, groups=2))
+    seq.add_module("flat", nn.Flatten())
+    seq.add_module("ip1", nn.Linear(36, 10))  # stays a plain layer
+    net = from_module(seq, torch.zeros(1, 1, 8, 8))
+    net.replace_layer("conv1", shared_from_dense(net.layers()["conv1"], 2))
+    net.replace_layer("conv2", int8_from_dense(net.layers()["conv2"]))
+    net.eval()
+    d = densify(net).eval()
+    layers = d.layers()
+    assert [type(m) for m in layers.values()] == [nn.Conv2d, nn.Conv2d, nn.Linear]
+    c1, c2 = layers["conv1"], layers["conv2"]
+    assert c1.bias is None and c1.padding == (1, 1) and c1.kernel_size == (3, 3)
+    assert c2.stride == (2, 2) and c2.groups == 2 and c2.padding == (0, 0) and c2.bias is not None
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(d(x), net(x), atol=1e-6)
+    assert isinstance(net.layers()["conv1"], SharedConv2d)  # the original is untouched
+
+
+def test_fast_form_nodes_and_initializers_are_named_after_the_layer():
+    from toolchain import kernels
+    from toolchain.exporter import export_compressed
+
+    for kind, arrays in (("share", ["codebook", "codes", "deltas", "row_ptr", "bias"]),
+                         ("int8", ["values", "deltas", "row_ptr", "scales", "bias"])):
+        net = _net(seed=2, density=0.6).eval()
+        for name, layer in list(net.layers().items()):
+            new = int8_from_dense(layer) if kind == "int8" else shared_from_dense(layer, 2 if name == "conv1" else 4)
+            net.replace_layer(name, new)
+        model = export_compressed(net, None, form="fast")
+        nodes = [n for n in model.graph.node if n.domain == kernels.DOMAIN]
+        assert [n.name for n in nodes] == ["ip1", "ip2"]
+        for n in nodes:
+            assert list(n.input[1:]) == [f"{n.name}.{a}" for a in arrays]
+        inits = {t.name for t in model.graph.initializer}
+        assert all(i in inits for n in nodes for i in n.input[1:])
+
+
+def _group_record(fields, width, bits, layers, size, codebook):
+    """A decode_group record and its initializers for raw (delta, code) fields."""
+    f = width + bits
+    v = np.array([d | (c << width) for d, c in fields], np.int64)
+    packed = np.packbits(((v[:, None] >> np.arange(f)) & 1).astype(np.uint8).reshape(-1), bitorder="little")
+    rec = {"layers": layers, "bits": bits, "width": width, "entries": len(fields), "size": size,
+           "codebook": "cb", "packed": "pk"}
+    inits = {"cb": onnx.numpy_helper.from_array(np.asarray(codebook, np.float32), "cb"),
+             "pk": onnx.numpy_helper.from_array(packed, "pk")}
+    return rec, inits
+
+
+def test_decode_group_checks_stream_and_codebook():
+    from toolchain.methods.quantize.onnx import decode_group, unpack_fields
+
+    cb = [0.5, -1.0, 2.0, 3.0]
+    rec, inits = _group_record([(2, 1), (2, 3)], 3, 2, [("a", 2, 0, 4)], 4, cb)  # positions 1 and 3 of 4
+    book, codes, mask = decode_group(rec, inits)["a"]
+    assert np.array_equal(book, cb) and np.array_equal(codes, [0, 1, 0, 3]) and np.array_equal(mask, [0, 1, 0, 1])
+    rec, inits = _group_record([(5, 1)], 3, 2, [("a", 2, 0, 4)], 5, cb)  # position 4: just past the layer's 4
+    with pytest.raises(ModelFormatError, match="corrupted index stream: weights past the last layer"):
+        decode_group(rec, inits)
+    rec, inits = _group_record([(1, 2)], 3, 2, [("a", 1, 0, 4)], 4, cb)  # a 1-bit layer with code 2
+    with pytest.raises(ModelFormatError, match="corrupted code stream: layer 'a' has codes past its 2 shared values"):
+        decode_group(rec, inits)
+    rec, inits = _group_record([(1, 0)], 3, 2, [("a", 2, 0, 4)], 4, [0.5, np.inf, 2.0, 3.0])
+    with pytest.raises(ModelFormatError, match="corrupted codebook 'cb': non-finite values"):
+        decode_group(rec, inits)
+    good = unpack_fields(np.array([0b101011], np.uint8), 1, 3, 3)
+    assert [int(a) for a in good[0]] == [3] and [int(a) for a in good[1]] == [5]
+    for bad in (np.array([43], np.int64), np.array([[43]], np.uint8), np.array([43, 0], np.uint8)):
+        with pytest.raises(ModelFormatError, match="corrupted code stream"):
+            unpack_fields(bad, 1, 3, 3)
+
+
+def test_imported_scatter_and_dequantize_follow_onnx():
+    from toolchain.methods.quantize.onnx import DequantizeLinear, ScatterElements
+
+    data = torch.zeros(2, 3)
+    upd = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    rows = torch.tensor([[0, 1, -1], [1, 0, 0]])  # out[rows[i, j], j] = upd[i, j]; -1 is the last row
+    assert torch.equal(ScatterElements()(data, rows, upd), torch.tensor([[1.0, 5.0, 6.0], [4.0, 2.0, 3.0]]))  # axis 0
+    cols = torch.tensor([[0, 2, 1], [-1, 0, 1]])  # out[i, cols[i, j]] = upd[i, j]
+    assert torch.equal(ScatterElements(1)(data, cols, upd), torch.tensor([[1.0, 3.0, 2.0], [5.0, 6.0, 4.0]]))
+    with pytest.raises(IndexError):
+        ScatterElements()(data, torch.tensor([[2, 0, 0]]), upd[:1])
+    x = torch.tensor([[10, -20, 30], [4, 5, -6]], dtype=torch.int8)
+    two = torch.tensor([0.5, 2.0])  # per-row (axis 0) scales: two of them
+    assert torch.equal(DequantizeLinear(0)(x, two), x.float() * two[:, None])
+    assert torch.equal(DequantizeLinear(1)(x, torch.tensor(0.25)), x.float() * 0.25)
+    zp = torch.tensor([1, -1, 0], dtype=torch.int8)
+    assert torch.equal(DequantizeLinear(1)(x, torch.tensor([1.0, 2.0, 3.0]), zp),
+                       (x.float() - zp.float()) * torch.tensor([1.0, 2.0, 3.0]))
+
+
 # ----------------------------------------------------------------------------- recipe
 def test_recipe_prune_then_share_composes_and_validates():
     from toolchain.driver import compress_network
@@ -299,6 +453,94 @@ def test_hashed_layer_cannot_be_quantized():
     with pytest.raises(RecipeError, match="hashed"):
         compress_network(net, parse_recipe('[[stage]]\npass = "quantize"\n[stage.layers.ip1]\nbits = 2\n'), None,
                          progress=False)
+
+
+def _quantize_pass(layers, **opts):
+    from toolchain.methods import get_pass
+    from toolchain.methods.quantize.pass_ import QuantizeLayerOptions, QuantizeOptions
+
+    return get_pass("quantize")(QuantizeOptions(**opts), {n: QuantizeLayerOptions(**o) for n, o in layers.items()})
+
+
+def test_quantize_layer_options_reject_bad_values_by_name():
+    from toolchain.methods.quantize.pass_ import QuantizeLayerOptions
+    from toolchain.recipe import parse_recipe
+
+    assert QuantizeLayerOptions(bias_bits=16).bias_bits == 16 and QuantizeLayerOptions(bias_bits=32).bias_bits == 32
+    table = '[[stage]]\npass = "quantize"\n[stage.layers.default]\nbias_bits = 16\n'
+    assert parse_recipe(table).stages[0].make_pass(_net()).layer_options["ip2"].bias_bits == 16
+    for kw, msg in ((dict(method="fp4"), "^method must be one of share, int8, not 'fp4'$"),
+                    (dict(init="kmeans++"), "^init must be one of linear, density, random, not 'kmeans[+][+]'$"),
+                    (dict(bits=True), "^bits must be an integer in 1..8, not True$"),
+                    (dict(bits=2.5), "^bits must be an integer in 1..8, not 2.5$"),
+                    (dict(bits=9), "^bits must be an integer in 1..8, not 9$"),
+                    (dict(bias_bits=8), "^bias_bits must be 16 or 32, not 8$")):
+        with pytest.raises(ValueError, match=msg):
+            QuantizeLayerOptions(**kw)
+
+
+def test_quantize_check_refuses_generated_weights_and_odd_padding():
+    from toolchain.methods.hashed.layers import hashed_from_dense
+    from toolchain.methods.lowrank.layers import svd_factorize
+
+    why = r"its weights are generated \(hashed / low-rank\), there is no weight matrix to share values over$"
+    for make, kind in ((lambda m: hashed_from_dense(m, 50, 1), "HashedLinear"),
+                       (lambda m: svd_factorize(m, 2), "LowRankLinear")):
+        net = _net()
+        net.replace_layer("ip1", make(net.layers()["ip1"]))
+        with pytest.raises(RecipeError, match=f"^quantize: layer 'ip1' is a {kind}: " + why):
+            _quantize_pass({"ip1": {"bits": 2}}).check(net)
+        _quantize_pass({"ip2": {"bits": 2}}).check(net)  # the other layers are fine
+    for conv, mode in ((nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), "reflect"),
+                       (nn.Conv2d(1, 4, 3, padding=1, padding_mode="circular"), "circular")):
+        net = _net(density=1.0)
+        net.replace_layer("conv1", conv)
+        with pytest.raises(RecipeError, match=f"^quantize: layer 'conv1': padding_mode '{mode}' is not supported$"):
+            _quantize_pass({"conv1": {"bits": 2}}).check(net)
+    net = _net(density=1.0)
+    net.replace_layer("conv1", nn.Conv2d(1, 4, 3, padding="same"))
+    with pytest.raises(RecipeError, match="not supported"):
+        _quantize_pass({"conv1": {"bits": 2}}).check(net)
+    _quantize_pass({"conv1": {"bits": 2}}).check(_net(density=1.0))  # zero padding is fine
+
+
+def test_quantize_check_allows_exactly_two_to_the_bits_remaining_weights():
+    net = _net(density=1.0)
+    with torch.no_grad():
+        w = net.layers()["ip2"].weight  # 5 x 20
+        w.view(-1)[8:] = 0  # 8 remaining weights
+        w.view(-1)[:8] = torch.arange(1.0, 9.0)
+    _quantize_pass({"ip2": {"bits": 3}}).check(net)  # 8 shared values for 8 weights: fine
+    p = _quantize_pass({"ip2": {"bits": 3}})
+    p.apply(net, 0)
+    assert torch.equal(net.layers()["ip2"].weight.view(-1)[:8], torch.arange(1.0, 9.0))
+    net = _net(density=1.0)
+    with torch.no_grad():
+        net.layers()["ip2"].weight.view(-1)[7:] = 0  # 7 remaining weights
+    with pytest.raises(RecipeError,
+                       match=r"^quantize: layer 'ip2': 8 shared values \(3 bits\) for only 7 remaining weights$"):
+        _quantize_pass({"ip2": {"bits": 3}}).check(net)
+
+
+def test_quantize_pass_passes_options_through_and_summarises():
+    net = _net(seed=1)
+    ref = {n: copy.deepcopy(m) for n, m in net.layers().items()}
+    counts = {n: (m.weight.numel(), int((m.weight != 0).sum())) for n, m in net.layers().items()}
+    p = _quantize_pass({"conv1": {"method": "int8"},
+                        "ip1": {"bits": 3, "init": "random", "index_bits": 3, "bias_bits": 16},
+                        "ip2": {"bits": 2}}, seed=7, iterations=2)
+    p.apply(net, 0)
+    layers = net.layers()
+    expect = shared_from_dense(ref["ip1"], 3, "random", 7, 2)
+    assert torch.equal(layers["ip1"].codebook, expect.codebook) and torch.equal(layers["ip1"].codes, expect.codes)
+    assert not torch.equal(expect.codebook, shared_from_dense(ref["ip1"], 3, "random", 2, 100).codebook)
+    assert layers["ip1"].index_bits == 3 and layers["ip1"].bias_bits == 16
+    assert layers["ip2"].index_bits is None and layers["ip2"].bias_bits == 32  # 0: automatic
+    assert torch.equal(layers["conv1"].qweight, int8_from_dense(ref["conv1"]).qweight)
+    assert p.summary(net) == [
+        f"conv1: int8 per channel over {counts['conv1'][1]:,} of 36 weights",
+        f"ip1: 8 shared values (3 bits) over {counts['ip1'][1]:,} of 2,880 weights",
+        f"ip2: 4 shared values (2 bits) over {counts['ip2'][1]:,} of 100 weights"]
 
 
 # ----------------------------------------------------------------------------- fast form

@@ -52,3 +52,20 @@ def test_unknown_layer_is_named(lenet300_path):
     r = parse_recipe(GOOD.replace("[stage.layers.ip1]", "[stage.layers.fc9]"))
     with pytest.raises(RecipeError, match="layer 'fc9' is not in the model"):
         resolve_layers(r.stages[0], import_onnx(lenet300_path))
+
+
+def test_load_toml_table_names_what_it_reads(tmp_path):
+    from toolchain.recipe import load_toml_table
+
+    good = tmp_path / "train.toml"
+    good.write_text("epochs = 2\nlr = 0.01\n")
+    assert load_toml_table(good) == {"epochs": 2, "lr": 0.01}
+    with pytest.raises(RecipeError, match="^cannot read training config .*missing.toml"):
+        load_toml_table(tmp_path / "missing.toml")
+    with pytest.raises(RecipeError, match="^training config .* is a directory, not a file$"):
+        load_toml_table(tmp_path)
+    with pytest.raises(RecipeError, match="^cannot read schedule "):
+        load_toml_table(tmp_path / "missing.toml", "schedule")
+    (tmp_path / "bad.toml").write_text("epochs = \n")
+    with pytest.raises(RecipeError, match="bad.toml: not valid TOML"):
+        load_toml_table(tmp_path / "bad.toml")

@@ -88,3 +88,10 @@ def test_bad_options_are_recipe_errors():
     with pytest.raises(toolchain.RecipeError, match="cannot follow"):
         toolchain.Recipe.from_dict({"stage": [{"pass": "lowrank", "layers": {"ip1": {"rank": 4}}},
                                               {"pass": "sparse_vd", "layers": {"default": {}}}]})
+
+
+def test_layer_defaults_agree_between_linear_and_conv():
+    lin, conv = SVDLinear(4, 3), SVDConv2d(2, 3, 3, padding=1)
+    assert lin.threshold == conv.threshold == 3.0  # log alpha = 3: the paper's pruning threshold
+    assert conv.padding == (1, 1) and conv.weight.shape == (3, 2, 3, 3)
+    assert float(conv.log_sigma2.detach().max()) == float(lin.log_sigma2.detach().max()) == -10.0

@@ -72,3 +72,19 @@ def test_splicing_after_weight_tying_is_one_recipe_error():
     with pytest.raises(toolchain.RecipeError, match="splicing.*cannot follow.*hashed"):
         toolchain.Recipe.from_dict({"stage": [{"pass": "hashed", "layers": {"default": {"compression": 0.125}}},
                                               {"pass": "splicing", "layers": {"default": {}}}]})
+
+
+def test_spliced_conv_takes_keyword_arguments_as_nn_conv2d():
+    conv = SplicedConv2d(2, 4, 3, stride=2, padding=1, bias=False, padding_mode="reflect")
+    assert conv.stride == (2, 2) and conv.padding == (1, 1) and conv.bias is None and conv.padding_mode == "reflect"
+    assert conv(torch.randn(1, 2, 6, 6)).shape == (1, 4, 3, 3)
+
+
+def test_splicing_options_bounds_and_message():
+    from toolchain.methods.splicing.passes import SplicingOptions
+
+    assert SplicingOptions(gamma=0.0, power=0.5).power == 0.5  # a slowly decaying update probability is fine
+    assert SplicingOptions(power=0.0).power == 0.0  # power 0: update after every step
+    for kw in (dict(power=-0.5), dict(gamma=-1e-4)):
+        with pytest.raises(ValueError, match="^gamma and power must be >= 0$"):
+            SplicingOptions(**kw)

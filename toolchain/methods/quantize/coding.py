@@ -195,7 +195,7 @@ def huffman_decode(coded: HuffmanCoded) -> np.ndarray:
         if n in by_len and 0 <= cur - first[n] < len(by_len[n]):
             out.append(by_len[n][cur - first[n]])
             cur = n = 0
-        elif n > maxlen:
+        elif n >= maxlen:  # no code is longer: these bits are no code at all
             raise ModelFormatError("corrupted Huffman stream: no symbol has this code")
     return np.array(out, np.int64)
 
