@@ -580,3 +580,17 @@ def test_toolchain_export_writes_the_grouped_file(tmp_path):
     grouped = export_quantized(net).SerializeToString()
     assert export_compressed(net, tmp_path / "q.onnx").SerializeToString() == grouped
     assert (tmp_path / "q.onnx").read_bytes() == grouped
+
+
+def test_info_splits_a_shared_stream_between_its_layers():
+    """One packed stream decoded by every layer: per-layer stored bytes add up to the file's, not 3x it."""
+    from pathlib import Path
+
+    from toolchain.measure import measure
+
+    path = Path(__file__).resolve().parent.parent / "models" / "lenet-300-100" / "lenet-300-100-deep-compression.onnx"
+    layers, totals = measure(str(path))
+    per_layer = [s.stored_bytes for s in layers]
+    assert len(per_layer) == 3 and all(b > 0 for b in per_layer)
+    assert sum(per_layer) <= totals["stored_bytes"] < totals["file_bytes"]
+    assert max(per_layer) < 0.5 * totals["stored_bytes"]

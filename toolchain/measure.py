@@ -161,7 +161,7 @@ def measure(src: str | os.PathLike | onnx.ModelProto) -> tuple[list[LayerStats],
     values = _evaluate_values(model, [v for v in dict.fromkeys(want_consts) if v])
     out_shapes = _output_shapes(model, [n.output[0] for n, _ in layer_nodes])
 
-    stats = []
+    stats, layer_roots = [], []
     for n, w in layer_nodes:
         if w:
             W = values[w]
@@ -183,6 +183,7 @@ def measure(src: str | os.PathLike | onnx.ModelProto) -> tuple[list[LayerStats],
         roots = set()
         for v in ([w] if w else list(n.input[1:1 + CUSTOM_LAYERS[n.op_type][0]])) + ([bias] if bias else []):
             roots |= _ancestor_initializers(v, producer, init_names)
+        layer_roots.append(roots)
         out = out_shapes.get(n.output[0])
         positions = int(np.prod(out[2:])) if (out is not None and n.op_type in ("Conv", "SparseConv", "ConvTranspose")) else 1
         if n.op_type == "MatMul" and out is not None and len(out) > 2:
@@ -192,9 +193,19 @@ def measure(src: str | os.PathLike | onnx.ModelProto) -> tuple[list[LayerStats],
             op=n.op_type if not n.domain else f"{n.domain}.{n.op_type}",
             weight_shape=tuple(int(s) for s in shape),
             params=n_w + n_b, nnz=nnz_w + nnz_b,
-            stored=sum(init_elems[r] for r in roots), stored_bytes=sum(init_bytes[r] for r in roots),
-            macs_dense=n_w * positions, macs=nnz_w * positions,
+            stored=0, stored_bytes=0, macs_dense=n_w * positions, macs=nnz_w * positions,
         ))
+    # A stored tensor several layers decode from (one packed stream for a whole network) is split
+    # between them, so the per-layer figures add up to what the file stores, never count it twice.
+    users: dict[str, list[int]] = {}
+    for i, roots in enumerate(layer_roots):
+        for r in sorted(roots):
+            users.setdefault(r, []).append(i)
+    for r, idx in users.items():
+        for j, i in enumerate(idx):
+            share = lambda total: total // len(idx) + (1 if j < total % len(idx) else 0)  # noqa: E731
+            stats[i].stored += share(init_elems[r])
+            stats[i].stored_bytes += share(init_bytes[r])
     totals = {
         "params": sum(s.params for s in stats), "nnz": sum(s.nnz for s in stats),
         "stored": sum(init_elems.values()), "stored_bytes": sum(init_bytes.values()),

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Reproduce Deep Compression (Han, Mao, Dally, ICLR 2016) on the shipped LeNets, and P+Q on AlexNet.
 
-LeNets: from the shipped pruned file (models/NAME/NAME-pruned.onnx, Han et al. 2015 pruning), run
-models/NAME/deep-compression.toml (further pruning where it says so, then trained weight sharing)
+LeNets: from a shipped pruned file (START below: LeNet-5's Han et al. 2015 pruned file, LeNet-300-100's
+record-sparsity file), run models/NAME/deep-compression.toml (further pruning where it says so, then
+trained weight sharing)
 retraining on the first 50,000 MNIST training images; the other 10,000 (the data package's
 validation split) are the held-out set every choice (bits, epochs, lr) was made on. Writes
 models/NAME/NAME-deep-compression.onnx (portable form: stock onnxruntime) and, for the int8 route,
@@ -45,6 +46,8 @@ PAPER = {  # Deep Compression Table 1 and Tables 2/3/4 totals
     "alexnet": {"error": "42.78% -> 42.78%", "P": "9x", "P+Q": "27x", "P+Q+H": "35x", "size": "240 MB -> 6.9 MB"},
 }
 VAL = 10000
+# The file each LeNet's deep-compression.toml starts from (its header says why).
+START = {"lenet-300-100": "lenet-300-100-pruned-record.onnx", "lenet-5": "lenet-5-pruned.onnx"}
 
 
 def mnist_splits():
@@ -92,11 +95,12 @@ def lenet(name: str, args, splits) -> dict:
     tx, ty, vx, vy, sx, sy = splits
     folder = ROOT / "models" / name
     dense_file, pruned_file = folder / f"{name}.onnx", folder / f"{name}-pruned.onnx"
+    start_file = folder / START[name]
     out_dir = Path(args.out) if args.out else folder
     out_dir.mkdir(parents=True, exist_ok=True)
     out_file = out_dir / f"{name}-deep-compression.onnx"
     recipe_path = Path(args.recipe or folder / "deep-compression.toml")
-    dense_net, net = import_onnx(dense_file), import_onnx(pruned_file)
+    dense_net, net = import_onnx(dense_file), import_onnx(start_file)
     totals_dense = {n: int(m.weight.numel()) for n, m in dense_net.layers().items()}
     t0 = time.time()
     res = toolchain.compress(net, recipe_path, (tx, ty, vx, vy), progress=False, baseline=dense_file)
