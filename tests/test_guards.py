@@ -202,6 +202,10 @@ def test_cli_train_tiny(tmp_path, capsys):
     err = float(re.search(r"test error ([\d.]+)%", text)[1])
     assert "trained on 50000 images; validation error" in text and "(10000 held out)" in text
     assert not (tmp_path / "m.onnx.ckpt").exists()  # a finished run leaves no checkpoint behind
+    from toolchain import file_metadata
+
+    meta = file_metadata(out)
+    assert meta["ai.toolchain.train_images"] == "50000" and 0 < float(meta["ai.toolchain.validation_error"]) < 1
     assert out.exists()
     from toolchain.accuracy import evaluate_onnx
 

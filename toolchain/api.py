@@ -47,6 +47,8 @@ __all__ = ["compress", "export", "load", "evaluate", "info", "read_onnx", "sessi
 METADATA_RECIPE = "ai.toolchain.recipe"
 METADATA_ERROR = "ai.toolchain.test_error"
 METADATA_ORIGINAL = "ai.toolchain.original"
+METADATA_TRAIN_IMAGES = "ai.toolchain.train_images"  # a dense model trained by `toolchain train`: on how many images
+METADATA_VAL_ERROR = "ai.toolchain.validation_error"  # ... and its error on the held-out rest
 
 
 @dataclass
@@ -499,11 +501,13 @@ def import_caffe(prototxt: str | os.PathLike, caffemodel: str | os.PathLike | No
 
 
 def set_metadata(path: str | os.PathLike, *, recipe: str | None = None, baseline: str | os.PathLike | None = None,
-                 test_error: float | None = None) -> dict[str, str]:
+                 test_error: float | None = None, train_images: int | None = None,
+                 validation_error: float | None = None) -> dict[str, str]:
     """Write the toolchain's records into an existing ONNX file (atomically; the graph is untouched):
     the producer (producer_name / producer_version, where the file names none), the recipe that made it (its compact JSON, or a
     reference to its file), its measured test error and the dense `baseline`'s
-    measurement (what `info` and `toolchain export` report against). Returns the file's metadata."""
+    measurement (what `info` and `toolchain export` report against); for a trained dense model, the number
+    of images it was trained on and its error on the held-out validation split. Returns the file's metadata."""
     from converters import atomic_write_bytes
 
     model = read_onnx(path)
@@ -514,6 +518,10 @@ def set_metadata(path: str | os.PathLike, *, recipe: str | None = None, baseline
         records[METADATA_RECIPE] = recipe
     if test_error is not None:
         records[METADATA_ERROR] = f"{test_error:.6f}"
+    if train_images is not None:
+        records[METADATA_TRAIN_IMAGES] = str(int(train_images))
+    if validation_error is not None:
+        records[METADATA_VAL_ERROR] = f"{validation_error:.6f}"
     if baseline is not None:
         records[METADATA_ORIGINAL] = original_record((lambda i: (i.layers, i.totals))(info(baseline)))
     meta = {p.key: p.value for p in model.metadata_props if p.key != "ai.toolchain.producer"}  # now producer_name

@@ -30,7 +30,7 @@ def run(args) -> int:
     import torch
 
     from converters import check_writable, torch_to_onnx
-    from toolchain import ToolchainError, evaluate, fit, train_config
+    from toolchain import ToolchainError, evaluate, fit, set_metadata, train_config
     from toolchain.data import load_mnist, parse_val_split
     from toolchain.distributed import resolve_device
     from toolchain.zoo import create_model, get_model_spec
@@ -56,6 +56,7 @@ def run(args) -> int:
     val_err = evaluate(model, (val_x, val_y))
     err = evaluate(model, (data.test_x, data.test_y))
     torch_to_onnx(model.eval(), torch.zeros(1, *spec.input_shape), out)
+    set_metadata(out, test_error=err, train_images=len(fit_x), validation_error=val_err)
     Path(ckpt).unlink(missing_ok=True)  # finished: the checkpoint has served its purpose
     print(f"{args.model}: trained on {len(fit_x)} images; validation error {100 * val_err:.2f}% "
           f"({len(val_x)} held out), test error {100 * err:.2f}% -> wrote {out}")
