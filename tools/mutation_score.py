@@ -1,14 +1,14 @@
 """Mutation score of a mutmut run over the compression methods, the recipe and the sparse format.
 
-How the run was made (mutmut 3.8, in a copy of the tree so the worktree stays clean):
+How the run is made (mutmut 3.8, in a copy of the tree so the worktree stays clean):
 
     git archive HEAD | tar -x -C /tmp/mut        # + the built toolchain/kernels/build/libtoolchain_ops.so
-    # /tmp/mut/pyproject.toml gets (see MUTMUT_CONFIG below):
-    cd /tmp/mut && mutmut run --max-children 2    # generates every mutant and the test-to-function stats
-    # (stopped once mutants run) then a seeded sample of the pending ones:
-    python tools/mutation_score.py sample /tmp/mut/mutants 800 > /tmp/sample.txt
+    # /tmp/mut/pyproject.toml gets MUTMUT_CONFIG (below); then, in /tmp/mut:
+    mutmut run --max-children 2 toolchain.options.x_nonexistent__mutmut_1
+    #   generates every mutant and the test-to-function stats, then stops (no mutant has that name)
+    python tools/mutation_score.py sample mutants 1600 > /tmp/sample.txt     # a seeded sample
     mutmut run --max-children 2 $(cat /tmp/sample.txt)
-    python tools/mutation_score.py score /tmp/mut/mutants /tmp/sample.txt
+    python tools/mutation_score.py score mutants /tmp/sample.txt
 
 mutmut exit codes in mutants/**/*.meta: 1 killed, 0 survived, -24 timeout (counted as killed, as mutmut
 does), 33 no test covers the function (reported separately), None not run.
