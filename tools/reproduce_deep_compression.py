@@ -10,7 +10,7 @@ models/NAME/NAME-deep-compression.onnx (portable form: stock onnxruntime) and, f
 evaluates the pruned network with per-channel int8 weights (QDQ). Prints the paper's Tables 2/3
 layout per model and Table 1 beside ours. `--test` reads the test set (once, for the report).
 
-    python tools/reproduce_deep_compression.py --test                  # both LeNets (about N min, 1 thread)
+    python tools/reproduce_deep_compression.py --test                  # both LeNets (a few minutes, 1 thread)
     python tools/reproduce_deep_compression.py --models lenet-5 --out out/dc
     python tools/reproduce_deep_compression.py --models alexnet         # AlexNet own init, no retraining: P+Q
 """

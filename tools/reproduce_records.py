@@ -10,7 +10,7 @@ the structured LeNet-5's latency against the dense LeNet-5 in stock onnxruntime 
     python tools/reproduce_records.py --skip-existing    # only the tables, from the shipped files
     python tools/reproduce_records.py --only lenet-5-channels --out out/records
 
-Record runs start from the files named in START (the shipped Han-style pruned LeNets for the sparse-VD
+Record runs start from the file named in each RECORDS row (the shipped Han-style pruned LeNets for the
 records: remaking those first is `python tools/reproduce_pruning.py`).
 """
 from __future__ import annotations

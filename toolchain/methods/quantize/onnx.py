@@ -503,7 +503,8 @@ def densify(net):
 
 def export_quantized(net, path=None, form: str = "portable", opset: int = 17, group: bool = True):
     """Write `net` in `form`: "portable" (packed codebook streams, int8 QDQ), "dense" (plain float32
-    weights with their zeros, for onnxruntime.quantization) or "fast" (lead's custom ops; portable here).
+    weights with their zeros, for onnxruntime.quantization) or "fast" (fully connected weight-sharing
+    and int8 layers as the SparseLinearCodebook / SparseLinearInt8 custom ops, convolutions portable).
     group: decode all weight-sharing layers of one code width from one stream (a smaller graph)."""
     import converters
 
