@@ -65,12 +65,17 @@ def test_portable_and_fast_forms_agree_with_torch(model, densities, request, tmp
     stats, totals = measure(tmp_path / "p.onnx")
     assert totals["nnz"] == nnz + nnz_b
     assert (tmp_path / "p.onnx").stat().st_size < 7 * nnz + 4 * nnz_b + 20_000
-    # both forms import back as pruned layers with the same masks
+    # both forms import back as pruned layers (every one of them) with the same masks and biases
+    from toolchain.methods.prune.layers import _Masked
+
     for form in ("p", "f"):
-        back = import_onnx(tmp_path / f"{form}.onnx")
+        back = import_onnx(tmp_path / f"{form}.onnx").eval()
         for name, layer in net.layers().items():
-            torch.testing.assert_close(back.layers()[name].weight * (back.layers()[name].weight != 0),
-                                       layer.masked_weight, atol=0, rtol=0)
+            got = back.layers()[name]
+            assert isinstance(got, _Masked), (form, name, type(got).__name__)
+            torch.testing.assert_close(got.weight * (got.weight != 0), layer.masked_weight, atol=0, rtol=0)
+            torch.testing.assert_close(got.bias, layer.bias, atol=0, rtol=0)
+        np.testing.assert_allclose(back(torch.from_numpy(x)).detach().numpy(), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_cli_export_converts_a_sparse_model_to_fast_form(tmp_path, lenet300_path, capsys):
