@@ -254,10 +254,9 @@ def compress(model: nn.Module, recipe, data=None, *, example_input: torch.Tensor
     Everything is checked before training starts: the recipe, its layer names against the model,
     that each stage selects a layer, that the data fits the model.
     """
+    from .accuracy import normalization, normalize
     from .driver import compress_network
     from .measure import measure
-
-    from .accuracy import normalization, normalize
 
     recipe = _as_recipe(recipe)
     if not isinstance(model, nn.Module):

@@ -202,10 +202,9 @@ def measure(src: str | os.PathLike | onnx.ModelProto) -> tuple[list[LayerStats],
         for r in sorted(roots):
             users.setdefault(r, []).append(i)
     for r, idx in users.items():
-        for j, i in enumerate(idx):
-            share = lambda total: total // len(idx) + (1 if j < total % len(idx) else 0)  # noqa: E731
-            stats[i].stored += share(init_elems[r])
-            stats[i].stored_bytes += share(init_bytes[r])
+        for j, i in enumerate(idx):  # equal parts, the remainder to the first users
+            stats[i].stored += init_elems[r] // len(idx) + (j < init_elems[r] % len(idx))
+            stats[i].stored_bytes += init_bytes[r] // len(idx) + (j < init_bytes[r] % len(idx))
     totals = {
         "params": sum(s.params for s in stats), "nnz": sum(s.nnz for s in stats),
         "stored": sum(init_elems.values()), "stored_bytes": sum(init_bytes.values()),
