@@ -594,3 +594,29 @@ def test_info_splits_a_shared_stream_between_its_layers():
     assert len(per_layer) == 3 and all(b > 0 for b in per_layer)
     assert sum(per_layer) <= totals["stored_bytes"] < totals["file_bytes"]
     assert max(per_layer) < 0.5 * totals["stored_bytes"]
+
+
+def test_dense_form_feeds_onnxruntime_quantize_dynamic(tmp_path):
+    """`toolchain export --form dense` of a shipped compressed file: plain initializers, zeros kept,
+    and onnxruntime's quantize_dynamic really quantizes it (integer ops, a smaller file, same answers)."""
+    from pathlib import Path
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from toolchain.cli import main
+
+    src = Path(__file__).resolve().parent.parent / "models" / "lenet-300-100" / "lenet-300-100-deep-compression.onnx"
+    dense, q = tmp_path / "dense.onnx", tmp_path / "q.onnx"
+    assert main(["export", str(src), "-o", str(dense), "--form", "dense"]) == 0
+    m = onnx.load(str(dense))
+    assert {n.op_type for n in m.graph.node} <= {"Gemm", "MatMul", "Add", "Relu", "Flatten", "Reshape", "Constant",
+                                                 "Shape", "Gather", "Concat", "Unsqueeze"}
+    weights = [onnx.numpy_helper.to_array(t) for t in m.graph.initializer if t.dims and len(t.dims) == 2]
+    assert weights and any((w == 0).mean() > 0.9 for w in weights)  # zeros kept, dense shapes
+    quantize_dynamic(str(dense), str(q), weight_type=QuantType.QInt8)
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in onnx.load(str(q)).graph.node)
+    assert q.stat().st_size < dense.stat().st_size / 2
+    x = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+    runs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (src, dense)]
+    ys = [s.run(None, {s.get_inputs()[0].name: x})[0] for s in runs]
+    np.testing.assert_allclose(ys[1], ys[0], rtol=1e-5, atol=1e-5)

@@ -319,7 +319,9 @@ def export(model: nn.Module, path: str | os.PathLike | None, form: str = "portab
     """Write `model` (a module the passes produced, or a Network) as ONNX and return the ModelProto.
 
     form: "portable" (stock onnxruntime: compact initializers the runtime expands once at session
-    start) or "fast" (sparse layers as the toolchain's custom ops; see toolchain.kernels).
+    start), "fast" (sparse layers as the toolchain's custom ops; see toolchain.kernels) or "dense"
+    (pruned / weight-sharing / int8 layers as plain float32 weights, zeros kept: what
+    onnxruntime.quantization.quantize_dynamic / quantize_static need).
     example_input: a batch the model accepts (needed for your own modules unless `result` is given).
     result: the CompressionResult it came from: its recipe and measured error go into the file's
     metadata. The file is written atomically: it appears complete or not at all.

@@ -6,9 +6,9 @@ import converters
 
 from . import methods  # noqa: F401  (registers every method's emitters)
 from ._version import __version__
-from .methods.base import EXPORT_HOOKS
+from .methods.base import EXPORT_HOOKS, densify
 
-FORMS = ("portable", "fast")
+FORMS = ("portable", "fast", "dense")  # dense: plain float32 weights, zeros kept (methods.base.densify)
 
 
 def export_compressed(net, path=None, form: str = "portable", opset: int = 17, metadata: dict[str, str] | None = None):
@@ -17,6 +17,9 @@ def export_compressed(net, path=None, form: str = "portable", opset: int = 17, m
         raise ValueError(f"form must be one of {FORMS}")
     was_training = net.training
     net.eval()
+    src = net
+    if form == "dense":
+        net = densify(net).eval()
     try:
         options, finishers = {}, []
         for hook in EXPORT_HOOKS.values():
@@ -26,7 +29,7 @@ def export_compressed(net, path=None, form: str = "portable", opset: int = 17, m
         model = converters.export_onnx(net, None if finishers else path, opset=opset, form=form, metadata=metadata,
                                        producer=("toolchain", __version__), **options)
     finally:
-        net.train(was_training)
+        src.train(was_training)
     for finish in finishers:
         finish(model)
     if finishers and path is not None:

@@ -16,8 +16,9 @@ def add_arguments(p):
     p.add_argument("model", help="dense ONNX model")
     p.add_argument("--recipe", "-r", required=True, help="recipe TOML (see toolchain/recipe.py)")
     p.add_argument("-o", "--output", required=True, help="compressed ONNX file to write")
-    p.add_argument("--form", choices=["portable", "fast"], default="portable",
-                   help="portable: stock onnxruntime ops only; fast: toolchain custom ops where they win")
+    p.add_argument("--form", choices=["portable", "fast", "dense"], default="portable",
+                   help="portable: stock onnxruntime ops only; fast: toolchain custom ops where they win; "
+                        "dense: plain float32 weights, zeros kept (for onnxruntime.quantization)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: OUTPUT.ckpt)")
     p.add_argument("--data", metavar="DIR", default=None,

@@ -1,4 +1,4 @@
-"""toolchain export MODEL.onnx -o OUT.onnx --form fast|portable — re-export a (pruned) model.
+"""toolchain export MODEL.onnx -o OUT.onnx --form fast|portable|dense — re-export a (pruned) model.
 
 Layers whose weights are mostly zero become pruned layers (mask = weight != 0), so any sparse
 model, ours or another tool's, can be written in the portable compact form or the fast custom-op form.
@@ -6,7 +6,7 @@ The report compares against the dense original the file records (files `toolchai
 else against the input file.
 """
 NAME = "export"
-HELP = "re-export an ONNX model in the portable sparse form or the fast custom-op form"
+HELP = "re-export an ONNX model in the portable sparse form, the fast custom-op form or the dense form"
 EXAMPLE = """example:
   toolchain export models/lenet-5/lenet-5-pruned.onnx -o out/lenet-5-fast.onnx --form fast"""
 
@@ -14,7 +14,9 @@ EXAMPLE = """example:
 def add_arguments(p):
     p.add_argument("model", help="ONNX model (dense or pruned)")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
-    p.add_argument("--form", choices=["portable", "fast"], default="fast")
+    p.add_argument("--form", choices=["portable", "fast", "dense"], default="fast",
+                   help="fast: custom ops; portable: stock onnxruntime, compact; dense: plain float32 weights with "
+                        "their zeros, for tools that need initializers (onnxruntime.quantization)")
     p.add_argument("--max-density", type=float, default=0.9,
                    help="treat layers at or below this density as sparse (default 0.9)")
 

@@ -87,3 +87,28 @@ def frozen_copy(net: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def densify(net: nn.Module) -> nn.Module:
+    """A copy of `net` whose compressed layers that hold a dense weight (`masked_weight`: pruned,
+    weight-sharing, int8 layers) are plain nn.Linear / nn.Conv2d with that weight, zeros kept: the
+    `dense` export form, whose weights are plain initializers for tools such as onnxruntime's
+    quantize_dynamic / quantize_static. Layers without a dense weight (hashed, low-rank) stay as they are."""
+    import torch
+
+    out = copy.deepcopy(net)
+    for name, layer in list(out.layers().items()):
+        w = getattr(layer, "masked_weight", None)
+        if w is None or type(layer) in (nn.Linear, nn.Conv2d):
+            continue
+        if hasattr(layer, "in_features"):
+            new = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
+        else:
+            new = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                            layer.dilation, layer.groups, layer.bias is not None)
+        with torch.no_grad():
+            new.weight.copy_(w.detach())
+            if layer.bias is not None:
+                new.bias.copy_(getattr(layer, "effective_bias", layer.bias).detach())
+        out.replace_layer(name, new)
+    return out

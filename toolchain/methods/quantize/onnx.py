@@ -44,7 +44,7 @@ from converters.ops.layers import conv_attrs, write_conv, write_fc
 from converters.ops.registry import register_converter, register_emitter
 from toolchain.errors import ModelFormatError
 from toolchain.kernels import DOMAIN, OPSET_VERSION
-from toolchain.methods.base import EXPORT_HOOKS
+from toolchain.methods.base import EXPORT_HOOKS, densify
 
 from . import coding
 from .packed import encode_codebook, encode_int8
@@ -481,26 +481,6 @@ def import_quantized(src):
 
 
 # ----------------------------------------------------------------------------- dense form
-def densify(net):
-    """A copy of `net` whose quantized / pruned layers are plain nn.Linear / nn.Conv2d with their dense weights."""
-    out = copy.deepcopy(net)
-    for name, layer in list(out.layers().items()):
-        w = getattr(layer, "masked_weight", None)
-        if w is None or type(layer) in (nn.Linear, nn.Conv2d):
-            continue
-        if isinstance(layer, (nn.Linear, SharedLinear, Int8Linear)) or hasattr(layer, "in_features"):
-            new = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
-        else:
-            new = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                            layer.dilation, layer.groups, layer.bias is not None)
-        with torch.no_grad():
-            new.weight.copy_(w.detach())
-            if layer.bias is not None:
-                new.bias.copy_(getattr(layer, "effective_bias", layer.bias).detach())
-        out.replace_layer(name, new)
-    return out
-
-
 def export_quantized(net, path=None, form: str = "portable", opset: int = 17, group: bool = True):
     """Write `net` in `form`: "portable" (packed codebook streams, int8 QDQ), "dense" (plain float32
     weights with their zeros, for onnxruntime.quantization) or "fast" (fully connected weight-sharing
