@@ -5,6 +5,7 @@ from __future__ import annotations
 import converters
 
 from . import methods  # noqa: F401  (registers every method's emitters)
+from .kernels.graph import to_fast_ops
 from ._version import __version__
 from .methods.base import EXPORT_HOOKS, densify
 
@@ -26,6 +27,8 @@ def export_compressed(net, path=None, form: str = "portable", opset: int = 17, m
             extra, finish = hook(net, form)
             options.update(extra)
             finishers += [finish] if finish else []
+        if form == "fast":
+            finishers.append(to_fast_ops)  # standard ops the library runs faster (LRN)
         model = converters.export_onnx(net, None if finishers else path, opset=opset, form=form, metadata=metadata,
                                        producer=("toolchain", __version__), **options)
     finally:

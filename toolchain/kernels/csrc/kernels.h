@@ -91,6 +91,13 @@ struct KernelTable {
   // y[m] = bias[m] + sum over blocks of (scale[m] *) sum_e v(e) x[col(e)], m in [m0, m1), blocks in
   // order. bias may be null.
   void (*spmv_packed)(const PackedRows& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y);
+
+  // Local response normalisation of one image (x, y: [C, P] row-major, P spatial positions), positions
+  // [p0, p1): y[c,p] = x[c,p] * t^(-beta), t = bias + coef * sum of x[k,p]^2 for k in
+  // [max(0, c-lo), min(C-1, c+hi)], squares summed in increasing k. t^-0.75, t^-0.5 and t^-1 are
+  // computed with square roots and one division; any other beta with powf.
+  void (*lrn)(const float* x, float* y, int64_t C, int64_t P, int64_t p0, int64_t p1, int64_t lo, int64_t hi,
+              float bias, float coef, float beta);
 };
 
 const KernelTable* portable_kernels();

@@ -281,7 +281,47 @@ void spmv_packed(const PackedRows& w, int64_t m0, int64_t m1, const float* x, co
   }
 }
 
-const KernelTable kTable = {"avx2", spmv, spmm, transpose, spmm_offsets, spmv_packed};
+// LRN, 8 positions at a time (the last group masked); t^-beta as in the portable kernels.
+void lrn(const float* x, float* y, int64_t C, int64_t P, int64_t p0, int64_t p1, int64_t lo, int64_t hi, float bias,
+         float coef, float beta) {
+  const __m256 vbias = _mm256_set1_ps(bias), vcoef = _mm256_set1_ps(coef), one = _mm256_set1_ps(1.f);
+  const int kind = beta == 0.75f ? 0 : beta == 0.5f ? 1 : beta == 1.f ? 2 : 3;
+  for (int64_t q = p0; q < p1; q += 8) {
+    const int n = p1 - q < 8 ? static_cast<int>(p1 - q) : 8;
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t a = c - lo > 0 ? c - lo : 0, b = c + hi < C - 1 ? c + hi : C - 1;
+      __m256 s = _mm256_setzero_ps();
+      for (int64_t k = a; k <= b; ++k) {
+        const __m256 v = n == 8 ? _mm256_loadu_ps(x + k * P + q) : _mm256_maskload_ps(x + k * P + q, mask);
+        s = _mm256_add_ps(s, _mm256_mul_ps(v, v));
+      }
+      const __m256 t = _mm256_add_ps(vbias, _mm256_mul_ps(vcoef, s));
+      __m256 f;
+      if (kind == 0) {
+        const __m256 r = _mm256_sqrt_ps(t);
+        f = _mm256_div_ps(one, _mm256_mul_ps(r, _mm256_sqrt_ps(r)));
+      } else if (kind == 1) {
+        f = _mm256_div_ps(one, _mm256_sqrt_ps(t));
+      } else if (kind == 2) {
+        f = _mm256_div_ps(one, t);
+      } else {
+        alignas(32) float tv[8];
+        _mm256_store_ps(tv, t);
+        for (int i = 0; i < 8; ++i) tv[i] = __builtin_powf(tv[i], -beta);
+        f = _mm256_load_ps(tv);
+      }
+      const float* xc = x + c * P + q;
+      if (n == 8) {
+        _mm256_storeu_ps(y + c * P + q, _mm256_mul_ps(_mm256_loadu_ps(xc), f));
+      } else {
+        _mm256_maskstore_ps(y + c * P + q, mask, _mm256_mul_ps(_mm256_maskload_ps(xc, mask), f));
+      }
+    }
+  }
+}
+
+const KernelTable kTable = {"avx2", spmv, spmm, transpose, spmm_offsets, spmv_packed, lrn};
 
 }  // namespace
 

@@ -255,11 +255,46 @@ void spmv_packed(const PackedRows& w, int64_t m0, int64_t m1, const float* x, co
   }
 }
 
+// LRN, 16 positions at a time (the last group masked); t^-beta as in the portable kernels.
+void lrn(const float* x, float* y, int64_t C, int64_t P, int64_t p0, int64_t p1, int64_t lo, int64_t hi, float bias,
+         float coef, float beta) {
+  const __m512 vbias = _mm512_set1_ps(bias), vcoef = _mm512_set1_ps(coef), one = _mm512_set1_ps(1.f);
+  const int kind = beta == 0.75f ? 0 : beta == 0.5f ? 1 : beta == 1.f ? 2 : 3;
+  for (int64_t q = p0; q < p1; q += 16) {
+    const int n = p1 - q < 16 ? static_cast<int>(p1 - q) : 16;
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t a = c - lo > 0 ? c - lo : 0, b = c + hi < C - 1 ? c + hi : C - 1;
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t k = a; k <= b; ++k) {
+        const __m512 v = _mm512_maskz_loadu_ps(mask, x + k * P + q);
+        s = _mm512_add_ps(s, _mm512_mul_ps(v, v));
+      }
+      const __m512 t = _mm512_add_ps(vbias, _mm512_mul_ps(vcoef, s));
+      __m512 f;
+      if (kind == 0) {
+        const __m512 r = _mm512_sqrt_ps(t);
+        f = _mm512_div_ps(one, _mm512_mul_ps(r, _mm512_sqrt_ps(r)));
+      } else if (kind == 1) {
+        f = _mm512_div_ps(one, _mm512_sqrt_ps(t));
+      } else if (kind == 2) {
+        f = _mm512_div_ps(one, t);
+      } else {
+        alignas(64) float tv[16];
+        _mm512_store_ps(tv, t);
+        for (int i = 0; i < 16; ++i) tv[i] = __builtin_powf(tv[i], -beta);
+        f = _mm512_load_ps(tv);
+      }
+      _mm512_mask_storeu_ps(y + c * P + q, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + c * P + q), f));
+    }
+  }
+}
+
 }  // namespace
 
 // The 8x8 register transpose of the AVX2 file serves this path too (it is not on a hot loop).
 const KernelTable* avx512_kernels() {
-  static const KernelTable table = {"avx512", spmv, spmm, avx2_kernels()->transpose, spmm_offsets, spmv_packed};
+  static const KernelTable table = {"avx512", spmv, spmm, avx2_kernels()->transpose, spmm_offsets, spmv_packed, lrn};
   return &table;
 }
 

@@ -194,7 +194,39 @@ void spmv_packed(const PackedRows& w, int64_t m0, int64_t m1, const float* x, co
   }
 }
 
-const KernelTable kTable = {"portable", spmv, spmm, transpose, spmm_offsets, spmv_packed};
+// t^-beta for the LRN: square roots and a division for the common betas (AlexNet's 0.75), powf otherwise.
+inline float lrn_factor(float t, float beta) {
+  if (beta == 0.75f) {
+    const float s = __builtin_sqrtf(t);
+    return 1.f / (s * __builtin_sqrtf(s));
+  }
+  if (beta == 0.5f) return 1.f / __builtin_sqrtf(t);
+  if (beta == 1.f) return 1.f / t;
+  return __builtin_powf(t, -beta);
+}
+
+// LRN over positions in blocks of 64: the window's squares accumulate in a block-sized array.
+void lrn(const float* x, float* y, int64_t C, int64_t P, int64_t p0, int64_t p1, int64_t lo, int64_t hi, float bias,
+         float coef, float beta) {
+  constexpr int64_t kB = 64;
+  float acc[kB];
+  for (int64_t q = p0; q < p1; q += kB) {
+    const int64_t n = p1 - q < kB ? p1 - q : kB;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t a = c - lo > 0 ? c - lo : 0, b = c + hi < C - 1 ? c + hi : C - 1;
+      for (int64_t i = 0; i < n; ++i) acc[i] = 0.f;
+      for (int64_t k = a; k <= b; ++k) {
+        const float* xk = x + k * P + q;
+        for (int64_t i = 0; i < n; ++i) acc[i] += xk[i] * xk[i];
+      }
+      const float* xc = x + c * P + q;
+      float* yc = y + c * P + q;
+      for (int64_t i = 0; i < n; ++i) yc[i] = xc[i] * lrn_factor(bias + coef * acc[i], beta);
+    }
+  }
+}
+
+const KernelTable kTable = {"portable", spmv, spmm, transpose, spmm_offsets, spmv_packed, lrn};
 
 }  // namespace
 

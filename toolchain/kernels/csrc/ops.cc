@@ -1,5 +1,5 @@
-// onnxruntime custom-op library: SparseLinear, SparseConv, and the packed SparseLinearCodebook /
-// SparseLinearInt8 (domain "ai.toolchain", version 1).
+// onnxruntime custom-op library: SparseLinear, SparseConv, the packed SparseLinearCodebook /
+// SparseLinearInt8, and a vectorised LRN (domain "ai.toolchain", version 1).
 //
 // The sparse weights are CSR initializers read once at kernel creation, validated (a corrupt model
 // must fail with a message, never crash or compute garbage) and repacked into column-blocked CSR
@@ -291,6 +291,13 @@ std::string node_name(const OrtKernelInfo* info) {
 
 bool get_int_attr(const NodeInfo& n, const char* name, int64_t* out) {
   OrtStatus* st = g_api->KernelInfoGetAttribute_int64(n.info, name, out);
+  if (!st) return true;
+  g_api->ReleaseStatus(st);
+  return false;
+}
+
+bool get_float_attr(const NodeInfo& n, const char* name, float* out) {
+  OrtStatus* st = g_api->KernelInfoGetAttribute_float(n.info, name, out);
   if (!st) return true;
   g_api->ReleaseStatus(st);
   return false;
@@ -696,6 +703,7 @@ void linear_batched(OrtKernelContext* ctx, const KernelTable* kt, const BlockedC
 class SparseLinear {
  public:
   static constexpr size_t kInputs = 5;
+  static constexpr bool kBiasInput = true;  // the last input (bias) is optional
   static ONNXTensorElementDataType input_type(size_t index) {
     switch (index) {
       case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // col_idx: uint16 or int32
@@ -766,6 +774,7 @@ class SparseLinear {
 class PackedLinear {
  public:
   static constexpr size_t kInputs = 6;
+  static constexpr bool kBiasInput = true;  // the last input (bias) is optional
 
   PackedLinear(const OrtKernelInfo* info, const char* op, bool codebook) {
     NodeInfo n{info, op, node_name(info)};
@@ -1054,6 +1063,7 @@ ConvAlgo conv_algo_from_env() {
 class SparseConv {
  public:
   static constexpr size_t kInputs = 5;
+  static constexpr bool kBiasInput = true;  // the last input (bias) is optional
   static ONNXTensorElementDataType input_type(size_t index) { return SparseLinear::input_type(index); }
 
   explicit SparseConv(const OrtKernelInfo* info) {
@@ -1392,6 +1402,71 @@ class SparseConv {
 };
 
 // ---------------------------------------------------------------------------------------------
+// LRN: the ONNX LRN operator (same attributes and formula) on the vectorised kernels. onnxruntime's own
+// CPU LRN takes most of a batch-1 AlexNet's time (docs/kernels.md), so the fast form runs this instead.
+// X float [N, C, D1, ...] (rank >= 3); attributes size (required, >= 1), alpha, beta, bias (finite;
+// defaults 1e-4, 0.75, 1). y = x * (bias + alpha / size * sum of x^2 over channels
+// [c - floor((size-1)/2), c + ceil((size-1)/2)])^(-beta).
+
+constexpr int64_t kLrnChunk = 1024;  // positions per task (a multiple of every kernel's vector width)
+
+class Lrn {
+ public:
+  static constexpr size_t kInputs = 1;
+  static constexpr bool kBiasInput = false;
+  static ONNXTensorElementDataType input_type(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+  explicit Lrn(const OrtKernelInfo* info) {
+    NodeInfo n{info, "LRN", node_name(info)};
+    where_ = n.where();
+    kernels_ = select_kernels();
+    int64_t size = 0;
+    if (!get_int_attr(n, "size", &size)) n.fail("missing required int attribute 'size'");
+    if (size < 1 || size > kMaxAttr) n.fail(format("size must be in [1, %lld], got %lld", (long long)kMaxAttr, (long long)size));
+    float alpha = 1e-4f, beta = 0.75f;
+    get_float_attr(n, "alpha", &alpha);
+    get_float_attr(n, "beta", &beta);
+    get_float_attr(n, "bias", &bias_);
+    for (auto [name, v] : {std::pair<const char*, float>{"alpha", alpha}, {"beta", beta}, {"bias", bias_}})
+      if (!std::isfinite(v)) n.fail(format("attribute %s must be finite, got %g", name, double(v)));
+    lo_ = (size - 1) / 2;
+    hi_ = size - 1 - lo_;
+    coef_ = alpha / static_cast<float>(size);
+    beta_ = beta;
+  }
+
+  void compute(OrtKernelContext* ctx) {
+    const OrtValue* xv = nullptr;
+    ort_check(g_api->KernelContext_GetInput(ctx, 0, &xv), where_);
+    TensorRef x = describe(xv, where_ + " input X");
+    if (x.shape.size() < 3)
+      throw OpError(ORT_INVALID_ARGUMENT,
+                    where_ + format(": X must be [N, C, D1, ...] (rank >= 3), got rank %zu", x.shape.size()));
+    const int64_t N = x.shape[0], C = x.shape[1];
+    int64_t P = 1;
+    for (size_t i = 2; i < x.shape.size(); ++i) P *= x.shape[i];
+    OrtValue* yv = nullptr;
+    ort_check(g_api->KernelContext_GetOutput(ctx, 0, x.shape.data(), x.shape.size(), &yv), where_ + " output");
+    if (N == 0 || C == 0 || P == 0) return;
+    float* y = nullptr;
+    ort_check(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&y)), where_ + " output");
+    const float* xp = static_cast<const float*>(x.data);
+    const int64_t chunks = ceil_div(P, kLrnChunk);
+    const KernelTable* kt = kernels_;
+    parallel_for(ctx, static_cast<size_t>(N * chunks), [&](size_t t) {
+      const int64_t n = static_cast<int64_t>(t) / chunks, p0 = (static_cast<int64_t>(t) % chunks) * kLrnChunk;
+      kt->lrn(xp + n * C * P, y + n * C * P, C, P, p0, std::min(P, p0 + kLrnChunk), lo_, hi_, bias_, coef_, beta_);
+    });
+  }
+
+ private:
+  std::string where_;
+  const KernelTable* kernels_ = nullptr;
+  int64_t lo_ = 0, hi_ = 0;
+  float bias_ = 1.f, coef_ = 0.f, beta_ = 0.75f;
+};
+
+// ---------------------------------------------------------------------------------------------
 // OrtCustomOp glue.
 
 template <class Kernel>
@@ -1406,7 +1481,7 @@ struct OpDef : OrtCustomOp {
       return Kernel::input_type(index);
     };
     GetInputCharacteristic = [](const OrtCustomOp*, size_t index) -> OrtCustomOpInputOutputCharacteristic {
-      return index == Kernel::kInputs - 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;  // bias
+      return Kernel::kBiasInput && index == Kernel::kInputs - 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
     GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
     GetOutputType = [](const OrtCustomOp*, size_t) -> ONNXTensorElementDataType {
@@ -1437,6 +1512,7 @@ OpDef<SparseLinear> g_linear("SparseLinear");
 OpDef<SparseConv> g_conv("SparseConv");
 OpDef<SparseLinearCodebook> g_codebook("SparseLinearCodebook");
 OpDef<SparseLinearInt8> g_int8("SparseLinearInt8");
+OpDef<Lrn> g_lrn("LRN");
 
 }  // namespace
 }  // namespace tcops
@@ -1459,6 +1535,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_conv)) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_codebook)) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_int8)) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_lrn)) return st;
   // The domain must outlive every session using it; it is small and kept until process exit.
   return api->AddCustomOpDomain(options, domain);
 }
