@@ -254,7 +254,7 @@ def test_deterministic_across_runs_and_threads(lib, isa):
             outs += [sess.run(None, {"X": x})[0], sess.run(None, {"X": x})[0]]
         for y in outs[1:]:
             np.testing.assert_array_equal(y, outs[0])
-    for algo in ("im2col", "direct"):
+    for algo in ("im2col", "direct", "batch"):
         outs = [make_session(cmodel, lib, threads=t, isa=isa, conv=algo).run(None, {"X": xc})[0] for t in (1, 2, 3)]
         for y in outs[1:]:
             np.testing.assert_array_equal(y, outs[0])
@@ -299,10 +299,15 @@ CONV_CASES = random_conv_cases(24) + [
          density=0.35, bias=True, idx="uint16"),
     dict(n=1, c=3, m=16, h=40, w=37, k=(11, 11), strides=(4, 4), pads=(0, 0, 0, 0), dilations=(1, 1), group=1,
          density=0.84, bias=True, idx="uint16"),
+    # the images-in-lanes algorithm: several lane tiles, split evenly (70: 2 x 40; 130: 48 + 48 + 34)
+    dict(n=70, c=4, m=6, h=7, w=6, k=(3, 2), strides=(1, 2), pads=(1, 0, 2, 1), dilations=(1, 2), group=2,
+         density=0.4, bias=True, idx="uint16"),
+    dict(n=130, c=3, m=5, h=5, w=5, k=(3, 3), strides=(2, 1), pads=(1, 1, 1, 1), dilations=(1, 1), group=1,
+         density=0.3, bias=False, idx="int32"),
 ]
 
 
-@pytest.mark.parametrize("algo", ["im2col", "direct"])
+@pytest.mark.parametrize("algo", ["im2col", "direct", "batch"])
 @pytest.mark.parametrize("isa", ISAS)
 def test_sparse_conv_matches_torch(lib, isa, algo):
     for i, c in enumerate(CONV_CASES):
@@ -318,6 +323,18 @@ def test_sparse_conv_matches_torch(lib, isa, algo):
             assert_close(y, ref)
         except AssertionError as e:
             raise AssertionError(f"case {i} {c}: {e}") from None
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_sparse_conv_every_batch_size(lib, isa):
+    # the automatic choice changes algorithm with the batch (images in lanes from 16): every size agrees
+    rng = np.random.default_rng(13)
+    wt = random_sparse(rng, (6, 4, 3, 3), 0.3)
+    b = rng.standard_normal(6).astype(np.float32)
+    sess = make_session(csr.make_sparse_conv_model(wt, b, input_hw=(6, 5), pads=(1, 0, 1, 1)), lib, isa=isa)
+    for n in [*range(1, 71), 256]:
+        x = rng.standard_normal((n, 4, 6, 5)).astype(np.float32)
+        assert_close(sess.run(None, {"X": x})[0], torch_conv(x, wt, b, (1, 1), (1, 0, 1, 1), (1, 1), 1))
 
 
 def test_sparse_conv_without_in_channels(lib):
@@ -608,7 +625,7 @@ def test_linear_forms_follow_dense_on_nonfinite_inputs(lib, isa, form):
         _assert_same_nonfinite(y, ref)
 
 
-@pytest.mark.parametrize("algo", ["im2col", "direct"])
+@pytest.mark.parametrize("algo", ["im2col", "direct", "batch"])
 @pytest.mark.parametrize("isa", ISAS)
 def test_sparse_conv_follows_dense_on_nonfinite_inputs(lib, isa, algo):
     rng = np.random.default_rng(62)

@@ -41,8 +41,7 @@ def alexnet_files(work: Path) -> tuple[Path, Path, Path]:
     if not portable.exists():
         toolchain_main(["compress", str(dense), "-r", str(MODELS_DIR / "alexnet" / "prune.toml"), "-o", str(portable),
                         "--no-retrain", "--no-progress"])
-    if not fast.exists():
-        toolchain_main(["export", str(portable), "-o", str(fast), "--form", "fast"])
+    toolchain_main(["export", str(portable), "-o", str(fast), "--form", "fast"])  # always: the fast form changes
     return dense, portable, fast
 
 
@@ -51,8 +50,7 @@ def lenet_files(name: str, work: Path) -> tuple[Path, Path, Path] | None:
     if not portable.exists():
         return None
     fast = work / f"{name}-pruned-fast.onnx"
-    if not fast.exists():
-        toolchain_main(["export", str(portable), "-o", str(fast), "--form", "fast"])
+    toolchain_main(["export", str(portable), "-o", str(fast), "--form", "fast"])
     return dense, portable, fast
 
 

@@ -40,6 +40,8 @@ constexpr int64_t kMinSubCols = 64;
 constexpr int64_t kLinearRowChunk = 256;  // rows per SparseLinear tile task (partial sums: 64 KiB)
 constexpr int64_t kMaxAttr = 1 << 16;  // bound on conv kernel/stride/pad/dilation (no overflow below)
 constexpr double kDirectMaxReuse = 12.0;  // SparseConv: direct below this output-channel reuse
+constexpr int64_t kBatchMinN = 16;        // SparseConv: images-in-lanes from this batch size ...
+constexpr int64_t kBatchMaxTileBytes = 1 << 20;  // ... when a lane tile of the padded input fits in L2
 constexpr int64_t kFillerStep = 255;      // packed formats: a delta of 0 (filler) advances 255 columns
 
 const OrtApi* g_api = nullptr;
@@ -1049,7 +1051,7 @@ class SparseLinearInt8 : public PackedLinear {
 // ---------------------------------------------------------------------------------------------
 // SparseConv: 2-D convolution (ONNX Conv semantics) with a CSR weight [M, C/group*kh*kw].
 
-enum class ConvAlgo { kAuto, kIm2col, kDirect };
+enum class ConvAlgo { kAuto, kIm2col, kDirect, kBatch };
 
 ConvAlgo conv_algo_from_env() {
   const char* env = getenv("TOOLCHAIN_KERNELS_CONV");
@@ -1057,7 +1059,9 @@ ConvAlgo conv_algo_from_env() {
   if (a.empty() || a == "auto") return ConvAlgo::kAuto;
   if (a == "im2col") return ConvAlgo::kIm2col;
   if (a == "direct") return ConvAlgo::kDirect;
-  throw OpError(ORT_INVALID_ARGUMENT, format("TOOLCHAIN_KERNELS_CONV=%s is not one of auto, im2col, direct", a.c_str()));
+  if (a == "batch") return ConvAlgo::kBatch;
+  throw OpError(ORT_INVALID_ARGUMENT,
+                format("TOOLCHAIN_KERNELS_CONV=%s is not one of auto, im2col, direct, batch", a.c_str()));
 }
 
 class SparseConv {
@@ -1149,7 +1153,9 @@ class SparseConv {
     ort_check(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&y)), where_ + " output");
     Shape s{N, C, H, W, Cg, OH, OW};
     const float* xp = static_cast<const float*>(x.data);
-    if (use_direct(s))
+    if (use_batch(s))
+      compute_batch(ctx, xp, s, y);
+    else if (use_direct(s))
       compute_direct(ctx, xp, s, y);
     else
       compute_im2col(ctx, xp, s, y);
@@ -1162,6 +1168,22 @@ class SparseConv {
   };
 
   [[noreturn]] void fail(const std::string& msg) const { throw OpError(ORT_INVALID_ARGUMENT, where_ + ": " + msg); }
+
+  // Images in lanes: lane tiles of the zero-padded input, [C, Hp, Wp, lanes], at most 64 lanes, the
+  // images split evenly over the tiles (200 images: 4 tiles of 56 lanes, not 3 x 64 + 8).
+  int64_t batch_lanes(const Shape& s) const {
+    return ceil_div(ceil_div(s.N, std::max<int64_t>(1, ceil_div(s.N, kMaxTile))), 8) * 8;
+  }
+
+  bool use_batch(const Shape& s) const {
+    const int64_t Hp = s.H + pt_ + pb_, Wp = s.W + pl_ + pr_, NT = batch_lanes(s);
+    if (s.C * Hp * Wp * NT + NT > INT32_MAX) return false;
+    if (algo_ == ConvAlgo::kBatch) return true;
+    if (algo_ != ConvAlgo::kAuto) return false;
+    // Measured (docs/kernels.md): with whole vectors of images every load is aligned and nothing is
+    // gathered; it wins on small maps (LeNet-5) while the lane tile of the input stays in L2.
+    return s.N >= kBatchMinN && s.C * Hp * Wp * NT * int64_t(sizeof(float)) <= kBatchMaxTileBytes;
+  }
 
   bool use_direct(const Shape& s) const {
     if (sh_ != 1 || sw_ != 1) return false;  // direct form needs unit stride
@@ -1369,6 +1391,51 @@ class SparseConv {
         for (int64_t m = m0; m < m1; ++m) yp[(m - m0) * P] = out[(m - m0) * NT + l];
       }
     });
+  }
+
+  // Images in lanes: the padded input of a tile of NT images is laid out [C, Hp, Wp, NT]; output
+  // position (oh, ow) of filter m is then sum_j val[j] * xt[(off_j + (oh*sh*Wp + ow*sw)) * NT + lane],
+  // one aligned NT-float row per non-zero: the offset-CSR tile product with offsets scaled by NT.
+  // Results go to a [M, P, NT] buffer, transposed into Y's [N, M, P] by the task that computed them.
+  void compute_batch(OrtKernelContext* ctx, const float* x, const Shape& s, float* y) {
+    const int64_t Hp = s.H + pt_ + pb_, Wp = s.W + pl_ + pr_, HWp = Hp * Wp;
+    const int64_t G = group_, Mg = rows_ / G, M = rows_, P = s.OH * s.OW;
+    const int64_t NT = batch_lanes(s), nv = NT / 8, tiles = ceil_div(s.N, NT);
+    const int64_t taps = kh_ * kw_;
+    std::vector<int32_t> offs(csr_col_.size());
+    for (size_t j = 0; j < csr_col_.size(); ++j) {
+      const int64_t k = csr_col_[j], c = k / taps, i = (k / kw_) % kh_, jj = k % kw_;
+      offs[j] = static_cast<int32_t>((c * HWp + i * dh_ * Wp + jj * dw_) * NT);
+    }
+    const OffsetCsr w{rows_, csr_row_ptr_.data(), offs.data(), csr_val_.data()};
+    const float* bias = bias_.empty() ? nullptr : bias_.data();
+    const KernelTable* kt = kernels_;
+    PooledBuf xt_buf(pool_), out_buf(pool_);
+    float* xt = xt_buf.buf.get(static_cast<size_t>(s.C * HWp * NT));
+    float* ob = out_buf.buf.get(static_cast<size_t>(M * P * NT));
+    const int64_t pc = std::max<int64_t>(1, ceil_div(P, 8));  // positions per task
+    const int64_t pchunks = ceil_div(P, pc);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t n0 = t * NT, nn = std::min(NT, s.N - n0);
+      parallel_for(ctx, static_cast<size_t>(s.C), [&](size_t c) {
+        float* d = xt + c * HWp * NT;
+        memset(d, 0, sizeof(float) * HWp * NT);
+        for (int64_t h = 0; h < s.H; ++h)  // [images, W] rows of channel c -> [W, lanes] of the padded row
+          kt->transpose(x + (n0 * s.C + c) * s.H * s.W + h * s.W, s.C * s.H * s.W, d + ((pt_ + h) * Wp + pl_) * NT, NT,
+                        nn, s.W);
+      });
+      parallel_for(ctx, static_cast<size_t>(G * pchunks), [&](size_t task) {
+        const int64_t g = task / pchunks, p0 = (task % pchunks) * pc, p1 = std::min(P, p0 + pc);
+        const float* xg = xt + g * s.Cg * HWp * NT;
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t oh = p / s.OW, ow = p % s.OW;
+          kt->spmm_offsets(w, g * Mg, g * Mg + Mg, xg + (oh * sh_ * Wp + ow * sw_) * NT, static_cast<int>(nv), bias,
+                           ob + (g * Mg * P + p) * NT, P * NT);
+        }
+        for (int64_t m = g * Mg; m < g * Mg + Mg; ++m)  // while in cache: [positions, lanes] -> Y[n, m, positions]
+          kt->transpose(ob + (m * P + p0) * NT, NT, y + n0 * M * P + m * P + p0, M * P, p1 - p0, nn);
+      });
+    }
   }
 
   std::shared_ptr<const std::vector<int32_t>> offsets_for(int64_t H, int64_t W, int64_t Hp, int64_t Wp) {
