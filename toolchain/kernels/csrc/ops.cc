@@ -1384,11 +1384,12 @@ class SparseConv {
       const int64_t m0 = g * Mg + mci * mc, m1 = std::min(g * Mg + Mg, m0 + mc);
       float* out = thread_scratch(0, static_cast<size_t>(m1 - m0) * NT);
       kt->spmm_offsets(w, m0, m1, xp + (n * s.C + g * s.Cg) * HWp + q0, nv, bias, out, NT);
-      for (int l = 0; l < valid; ++l) {
-        const int64_t q = q0 + l, oh = q / Wp, ow = q % Wp;
-        if (ow >= s.OW) continue;
-        float* yp = y + (n * M + m0) * P + oh * s.OW + ow;
-        for (int64_t m = m0; m < m1; ++m) yp[(m - m0) * P] = out[(m - m0) * NT + l];
+      // lanes q = oh * Wp + ow with ow < OW are outputs: copy them row segment by row segment
+      for (int64_t oh = q0 / Wp; oh * Wp < q0 + valid; ++oh) {
+        const int64_t a = std::max(q0, oh * Wp), b = std::min(q0 + valid, oh * Wp + s.OW);
+        if (a >= b) continue;
+        for (int64_t m = m0; m < m1; ++m)
+          memcpy(y + (n * M + m) * P + oh * s.OW + (a - oh * Wp), out + (m - m0) * NT + (a - q0), sizeof(float) * (b - a));
       }
     });
   }
