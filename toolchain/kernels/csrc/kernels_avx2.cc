@@ -22,7 +22,15 @@ inline __m256 gather8(const float* xb, const uint16_t* ix) {
   return _mm256_setr_ps(xb[ix[0]], xb[ix[1]], xb[ix[2]], xb[ix[3]], xb[ix[4]], xb[ix[5]], xb[ix[6]], xb[ix[7]]);
 }
 
-// Batch 1: CSR SpMV over row-major blocks, four independent 8-lane accumulators.
+// Four x values by index (scalar loads into one xmm: three inserts per four values, fewer shuffles per
+// value than the eight-lane build).
+inline __m128 gather4(const float* xb, const uint16_t* ix) {
+  return _mm_setr_ps(xb[ix[0]], xb[ix[1]], xb[ix[2]], xb[ix[3]]);
+}
+
+// Batch 1: CSR SpMV over row-major blocks, four independent 4-lane accumulators. Batch 1 is bound by
+// the gathers of x, not by the FMA width: this beat the 8- and 16-lane builds on Zen 4 (docs/kernels.md),
+// so the AVX-512 table uses it too.
 void spmv(const BlockedCsr& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y) {
   const int64_t M = w.rows, S = w.nsub;
   const float* val = w.val;
@@ -31,18 +39,19 @@ void spmv(const BlockedCsr& w, int64_t m0, int64_t m1, const float* x, const flo
     const int32_t* sp = w.seg_ptr + b * M * S;
     const float* xb = x + b * w.block_cols;
     for (int64_t m = m0; m < m1; ++m) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      __m128 a0 = _mm_setzero_ps(), a1 = _mm_setzero_ps(), a2 = _mm_setzero_ps(), a3 = _mm_setzero_ps();
       int64_t j = sp[m * S];
       const int64_t e = sp[(m + 1) * S];
-      for (; j + 32 <= e; j += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + j), gather8(xb, idx + j), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + j + 8), gather8(xb, idx + j + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(val + j + 16), gather8(xb, idx + j + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(val + j + 24), gather8(xb, idx + j + 24), a3);
+      for (; j + 16 <= e; j += 16) {
+        a0 = _mm_fmadd_ps(_mm_loadu_ps(val + j), gather4(xb, idx + j), a0);
+        a1 = _mm_fmadd_ps(_mm_loadu_ps(val + j + 4), gather4(xb, idx + j + 4), a1);
+        a2 = _mm_fmadd_ps(_mm_loadu_ps(val + j + 8), gather4(xb, idx + j + 8), a2);
+        a3 = _mm_fmadd_ps(_mm_loadu_ps(val + j + 12), gather4(xb, idx + j + 12), a3);
       }
-      for (; j + 8 <= e; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + j), gather8(xb, idx + j), a0);
-      float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      for (; j + 4 <= e; j += 4) a0 = _mm_fmadd_ps(_mm_loadu_ps(val + j), gather4(xb, idx + j), a0);
+      __m128 a = _mm_add_ps(_mm_add_ps(a0, a1), _mm_add_ps(a2, a3));
+      a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+      float s = _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
       for (; j < e; ++j) s += val[j] * xb[idx[j]];
       const float init = b == 0 ? (bias ? bias[m] : 0.f) : y[m];
       y[m] = init + s;

@@ -19,31 +19,6 @@ inline __m512 gather16(const float* xb, const uint16_t* ix) {
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
 }
 
-// Batch 1: CSR SpMV over row-major blocks, two 16-lane accumulators.
-void spmv(const BlockedCsr& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y) {
-  const int64_t M = w.rows, S = w.nsub;
-  const float* val = w.val;
-  const uint16_t* idx = w.idx;
-  for (int64_t b = 0; b < w.nblocks; ++b) {
-    const int32_t* sp = w.seg_ptr + b * M * S;
-    const float* xb = x + b * w.block_cols;
-    for (int64_t m = m0; m < m1; ++m) {
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      int64_t j = sp[m * S];
-      const int64_t e = sp[(m + 1) * S];
-      for (; j + 32 <= e; j += 32) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(val + j), gather16(xb, idx + j), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(val + j + 16), gather16(xb, idx + j + 16), a1);
-      }
-      for (; j + 16 <= e; j += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(val + j), gather16(xb, idx + j), a0);
-      float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-      for (; j < e; ++j) s += val[j] * xb[idx[j]];
-      const float init = b == 0 ? (bias ? bias[m] : 0.f) : y[m];
-      y[m] = init + s;
-    }
-  }
-}
-
 // Tile rows of 8*NV lanes as NZ = ceil(NV/2) 16-lane vectors, the last one half-masked when NV is odd.
 template <int NV>
 struct TileShape {
@@ -294,7 +269,9 @@ void lrn(const float* x, float* y, int64_t C, int64_t P, int64_t p0, int64_t p1,
 
 // The 8x8 register transpose of the AVX2 file serves this path too (it is not on a hot loop).
 const KernelTable* avx512_kernels() {
-  static const KernelTable table = {"avx512", spmv, spmm, avx2_kernels()->transpose, spmm_offsets, spmv_packed, lrn};
+  // Batch-1 fp32 SpMV and the transpose are AVX2's: the 16-lane gather build was slower (docs/kernels.md).
+  static const KernelTable table = {"avx512", avx2_kernels()->spmv, spmm, avx2_kernels()->transpose, spmm_offsets,
+                                    spmv_packed, lrn};
   return &table;
 }
 
