@@ -2,7 +2,8 @@
 """Benchmark SparseConv algorithms on LeNet-5 and AlexNet conv shapes at Han et al.'s densities.
 
 For every layer and batch size: dense onnxruntime Conv, SparseConv with sparse GEMM over im2col
-tiles, SparseConv direct (unit stride only) and SparseConv with the built-in choice (auto). All
+tiles, SparseConv direct (unit stride only), SparseConv with images in lanes (batch) and SparseConv
+with the built-in choice (auto). All
 variants of one configuration are timed in alternation; prints a markdown table of medians (IQR).
 
     python tools/bench_sparse_conv.py [--batches 1 8] [--threads 1] [--min-runs 10] [--budget 0.6]
@@ -138,9 +139,9 @@ def main(argv=None) -> int:
           f"{ort.__version__}; TOOLCHAIN_KERNELS_ISA={os.environ.get('TOOLCHAIN_KERNELS_ISA', 'auto')}; "
           f"load average at start {os.getloadavg()[0]:.1f}\n")
     print("fastest sparse and speedup use CPU-time medians with 1 thread (robust to load), else wall medians.\n")
-    print("| layer | density | batch | dense Conv | im2col | direct | auto | CPU ms dense / im2col / direct / auto "
-          "| fastest sparse | auto speedup |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    print("| layer | density | batch | dense Conv | im2col | direct | batch | auto | CPU ms dense / im2col / direct / "
+          "batch / auto | fastest sparse | auto speedup |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     rng = np.random.default_rng(0)
     for name, c, m, h, k, stride, pad, group, density in LAYERS:
         if name not in args.layers:
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
                     "im2col": make_session(smodel, args.threads, True, "im2col")}
         if stride == 1:
             sessions["direct"] = make_session(smodel, args.threads, True, "direct")
+        sessions["batch"] = make_session(smodel, args.threads, True, "batch")
         sessions["auto"] = make_session(smodel, args.threads, True, "auto")
         for n in args.batches:
             x = rng.standard_normal((n, c, h, h), dtype=np.float32)
@@ -167,11 +169,11 @@ def main(argv=None) -> int:
             med = {key: statistics.median(ts) for key, ts in times.items()}
             # With one intra-op thread all work runs on this thread: CPU time is robust to machine load.
             basis = {key: statistics.median(ts) for key, ts in cpu.items()} if args.threads == 1 else med
-            sparse = {key: v for key, v in basis.items() if key in ("im2col", "direct")}
+            sparse = {key: v for key, v in basis.items() if key in ("im2col", "direct", "batch")}
             best = min(sparse, key=sparse.get)
-            cpu_cols = " / ".join(f"{basis[k]:.3f}" for k in ("dense", "im2col", "direct", "auto") if k in basis)
+            cpu_cols = " / ".join(f"{basis[k]:.3f}" for k in ("dense", "im2col", "direct", "batch", "auto") if k in basis)
             print(f"| {name} | {density:.0%} | {n} | {fmt(times['dense'])} | {fmt(times['im2col'])} | "
-                  f"{fmt(times['direct']) if 'direct' in times else 'n/a'} | {fmt(times['auto'])} | "
+                  f"{fmt(times['direct']) if 'direct' in times else 'n/a'} | {fmt(times['batch'])} | {fmt(times['auto'])} | "
                   f"{cpu_cols if args.threads == 1 else 'n/a'} | {best} | {basis['dense'] / basis['auto']:.2f}x |",
                   flush=True)
     return 0

@@ -1180,9 +1180,11 @@ class SparseConv {
     if (s.C * Hp * Wp * NT + NT > INT32_MAX) return false;
     if (algo_ == ConvAlgo::kBatch) return true;
     if (algo_ != ConvAlgo::kAuto) return false;
-    // Measured (docs/kernels.md): with whole vectors of images every load is aligned and nothing is
-    // gathered; it wins on small maps (LeNet-5) while the lane tile of the input stays in L2.
-    return s.N >= kBatchMinN && s.C * Hp * Wp * NT * int64_t(sizeof(float)) <= kBatchMaxTileBytes;
+    // Measured (docs/kernels.md): like direct, it gathers nothing, so it pays where each gathered element
+    // would feed few output channels (see use_direct); with whole vectors of images every load is aligned
+    // and no pad column is computed, so from 16 images it beats direct while a lane tile stays in L2.
+    return s.N >= kBatchMinN && s.C * Hp * Wp * NT * int64_t(sizeof(float)) <= kBatchMaxTileBytes &&
+           static_cast<double>(rows_ / group_) * density_ < kDirectMaxReuse;
   }
 
   bool use_direct(const Shape& s) const {
@@ -1397,7 +1399,8 @@ class SparseConv {
   // Images in lanes: the padded input of a tile of NT images is laid out [C, Hp, Wp, NT]; output
   // position (oh, ow) of filter m is then sum_j val[j] * xt[(off_j + (oh*sh*Wp + ow*sw)) * NT + lane],
   // one aligned NT-float row per non-zero: the offset-CSR tile product with offsets scaled by NT.
-  // Results go to a [M, P, NT] buffer, transposed into Y's [N, M, P] by the task that computed them.
+  // Each task computes a run of positions for a group's filters into its own [Mg, positions, NT] buffer
+  // and transposes it into Y's [N, M, P] while it is in cache.
   void compute_batch(OrtKernelContext* ctx, const float* x, const Shape& s, float* y) {
     const int64_t Hp = s.H + pt_ + pb_, Wp = s.W + pl_ + pr_, HWp = Hp * Wp;
     const int64_t G = group_, Mg = rows_ / G, M = rows_, P = s.OH * s.OW;
@@ -1411,9 +1414,8 @@ class SparseConv {
     const OffsetCsr w{rows_, csr_row_ptr_.data(), offs.data(), csr_val_.data()};
     const float* bias = bias_.empty() ? nullptr : bias_.data();
     const KernelTable* kt = kernels_;
-    PooledBuf xt_buf(pool_), out_buf(pool_);
+    PooledBuf xt_buf(pool_);
     float* xt = xt_buf.buf.get(static_cast<size_t>(s.C * HWp * NT));
-    float* ob = out_buf.buf.get(static_cast<size_t>(M * P * NT));
     const int64_t pc = std::max<int64_t>(1, ceil_div(P, 8));  // positions per task
     const int64_t pchunks = ceil_div(P, pc);
     for (int64_t t = 0; t < tiles; ++t) {
@@ -1428,13 +1430,14 @@ class SparseConv {
       parallel_for(ctx, static_cast<size_t>(G * pchunks), [&](size_t task) {
         const int64_t g = task / pchunks, p0 = (task % pchunks) * pc, p1 = std::min(P, p0 + pc);
         const float* xg = xt + g * s.Cg * HWp * NT;
+        float* ob = thread_scratch(0, static_cast<size_t>(Mg * pc * NT));  // [Mg, positions, lanes]
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t oh = p / s.OW, ow = p % s.OW;
           kt->spmm_offsets(w, g * Mg, g * Mg + Mg, xg + (oh * sh_ * Wp + ow * sw_) * NT, static_cast<int>(nv), bias,
-                           ob + (g * Mg * P + p) * NT, P * NT);
+                           ob + (p - p0) * NT, pc * NT);
         }
-        for (int64_t m = g * Mg; m < g * Mg + Mg; ++m)  // while in cache: [positions, lanes] -> Y[n, m, positions]
-          kt->transpose(ob + (m * P + p0) * NT, NT, y + n0 * M * P + m * P + p0, M * P, p1 - p0, nn);
+        for (int64_t m = 0; m < Mg; ++m)  // while in cache: [positions, lanes] -> Y[n, m, positions]
+          kt->transpose(ob + m * pc * NT, NT, y + n0 * M * P + (g * Mg + m) * P + p0, M * P, p1 - p0, nn);
       });
     }
   }
