@@ -108,6 +108,18 @@ def test_lrn_bitwise_equal_across_threads(lib, isa):
         np.testing.assert_array_equal(o, outs[0])
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_lrn_every_batch_size(lib, isa):
+    rng = np.random.default_rng(5)
+    model = lrn_model(kernels.DOMAIN, size=5, alpha=0.1, beta=0.75, bias=1.5)
+    one, two = make_session(model, lib, threads=1, isa=isa), make_session(model, lib, threads=2, isa=isa)
+    for n in [*range(1, 71), 256]:
+        x = rng.standard_normal((n, 7, 3, 5)).astype(np.float32)
+        y = one.run(None, {"X": x})[0]
+        np.testing.assert_allclose(y, reference(x, 5, alpha=0.1, bias=1.5), rtol=2e-6, atol=1e-7)
+        np.testing.assert_array_equal(two.run(None, {"X": x})[0], y)
+
+
 def test_lrn_rank_below_three_is_a_clear_error(lib):
     sess = make_session(lrn_model(kernels.DOMAIN, size=3), lib)
     with pytest.raises(Exception, match=r"LRN node .*rank >= 3\), got rank 2"):
