@@ -29,8 +29,8 @@ inline __m128 gather4(const float* xb, const uint16_t* ix) {
 }
 
 // Batch 1: CSR SpMV over row-major blocks, four independent 4-lane accumulators. Batch 1 is bound by
-// the gathers of x, not by the FMA width: this beat the 8- and 16-lane builds on Zen 4 (docs/kernels.md),
-// so the AVX-512 table uses it too.
+// the gathers of x, not by the FMA width: on Zen 4 this was on a par with the 8-lane build (within the
+// host's noise) and faster than the AVX-512 file's 16-lane build (docs/kernels.md), so both tables use it.
 void spmv(const BlockedCsr& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y) {
   const int64_t M = w.rows, S = w.nsub;
   const float* val = w.val;
