@@ -1180,12 +1180,15 @@ class SparseConv {
     if (s.C * Hp * Wp * NT + NT > INT32_MAX) return false;
     if (algo_ == ConvAlgo::kBatch) return true;
     if (algo_ != ConvAlgo::kAuto) return false;
-    // Measured (docs/kernels.md): like direct, it gathers nothing, so it pays where each gathered element
-    // would feed few output channels (see use_direct); with whole vectors of images every load is aligned
-    // and no pad column is computed, so from 16 images it beats direct while a lane tile stays in L2.
-    return s.N >= kBatchMinN && s.C * Hp * Wp * NT * int64_t(sizeof(float)) <= kBatchMaxTileBytes &&
-           static_cast<double>(rows_ / group_) * density_ < kDirectMaxReuse;
+    // Like direct, it gathers nothing, so it pays where reuse is low (low_reuse); with whole vectors of
+    // images every load is aligned and no pad column is computed, so from 16 images it beats direct
+    // while a lane tile stays in L2 (docs/kernels.md).
+    return s.N >= kBatchMinN && s.C * Hp * Wp * NT * int64_t(sizeof(float)) <= kBatchMaxTileBytes && low_reuse();
   }
+
+  // Measured (docs/kernels.md): gathering im2col tiles pays off when each gathered element feeds many
+  // output channels (Mg * density); with little reuse (LeNet-5 conv2: 6) the gather-free forms win.
+  bool low_reuse() const { return static_cast<double>(rows_ / group_) * density_ < kDirectMaxReuse; }
 
   bool use_direct(const Shape& s) const {
     if (sh_ != 1 || sw_ != 1) return false;  // direct form needs unit stride
@@ -1193,9 +1196,7 @@ class SparseConv {
     if (s.Cg * Hp * Wp + kMaxTile + Wp > INT32_MAX) return false;
     if (algo_ == ConvAlgo::kDirect) return true;
     if (algo_ == ConvAlgo::kIm2col) return false;
-    // Measured (docs/kernels.md): gathering im2col tiles pays off when each gathered element feeds
-    // many output channels (Mg * density); with little reuse (LeNet-5 conv2: 6) direct wins.
-    return static_cast<double>(rows_ / group_) * density_ < kDirectMaxReuse;
+    return low_reuse();
   }
 
   // Dense Conv semantics for non-finite inputs (see restore_nonfinite_linear): y[n, m, oh, ow] = NaN
@@ -1405,12 +1406,10 @@ class SparseConv {
     const int64_t Hp = s.H + pt_ + pb_, Wp = s.W + pl_ + pr_, HWp = Hp * Wp;
     const int64_t G = group_, Mg = rows_ / G, M = rows_, P = s.OH * s.OW;
     const int64_t NT = batch_lanes(s), nv = NT / 8, tiles = ceil_div(s.N, NT);
-    const int64_t taps = kh_ * kw_;
-    std::vector<int32_t> offs(csr_col_.size());
-    for (size_t j = 0; j < csr_col_.size(); ++j) {
-      const int64_t k = csr_col_[j], c = k / taps, i = (k / kw_) % kh_, jj = k % kw_;
-      offs[j] = static_cast<int32_t>((c * HWp + i * dh_ * Wp + jj * dw_) * NT);
-    }
+    // the direct form's element offsets, in rows of NT lanes (use_batch bounds C * HWp * NT below 2^31)
+    std::shared_ptr<const std::vector<int32_t>> base = offsets_for(s.H, s.W, Hp, Wp);
+    std::vector<int32_t> offs(base->size());
+    for (size_t j = 0; j < offs.size(); ++j) offs[j] = static_cast<int32_t>((*base)[j] * NT);
     const OffsetCsr w{rows_, csr_row_ptr_.data(), offs.data(), csr_val_.data()};
     const float* bias = bias_.empty() ? nullptr : bias_.data();
     const KernelTable* kt = kernels_;
