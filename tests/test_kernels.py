@@ -375,12 +375,13 @@ def _conv_model() -> onnx.ModelProto:
     return csr.make_sparse_conv_model(np.ones((4, 2, 3, 3), np.float32), None, name="conv", group=2)
 
 
-def _lrn_model(**attrs) -> onnx.ModelProto:
-    """The library's LRN (domain ai.toolchain) with these attributes."""
-    node = helper.make_node("LRN", ["X"], ["Y"], domain=kernels.DOMAIN, **attrs)
+def lrn_model(domain: str = kernels.DOMAIN, **attrs) -> onnx.ModelProto:
+    """One LRN node with these attributes: the library's (domain ai.toolchain) or, with domain "", ONNX's."""
+    node = helper.make_node("LRN", ["X"], ["Y"], domain=domain, **attrs)
     graph = helper.make_graph([node], "lrn", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(graph, opset_imports=opsets)
 
 
 @functools.lru_cache(maxsize=None)
@@ -423,12 +424,12 @@ def _corrupt_cases():
         "conv_auto_pad": (_set_attr(_conv_model(), "auto_pad", "SAME_UPPER"), xc, "auto_pad"),
         "conv_channels": (_symbolic_input(_conv_model()), np.ones((1, 5, 6, 6), np.float32), "in_channels is 4"),
         "conv_too_small": (_symbolic_input(_conv_model()), np.ones((1, 4, 2, 6), np.float32), "smaller than"),
-        "lrn_valid": (_lrn_model(size=3), xc, None),
-        "lrn_missing_size": (_lrn_model(alpha=1e-4), xc, "missing required int attribute 'size'"),
-        "lrn_size_zero": (_lrn_model(size=0), xc, "size must be in [1, 65536], got 0"),
-        "lrn_alpha_inf": (_lrn_model(size=3, alpha=float("inf")), xc, "attribute alpha must be finite, got inf"),
-        "lrn_beta_nan": (_lrn_model(size=3, beta=float("nan")), xc, "attribute beta must be finite, got nan"),
-        "lrn_rank": (_lrn_model(size=3), np.ones((2, 4), np.float32), "rank >= 3), got rank 2"),
+        "lrn_valid": (lrn_model(size=3), xc, None),
+        "lrn_missing_size": (lrn_model(alpha=1e-4), xc, "missing required int attribute 'size'"),
+        "lrn_size_zero": (lrn_model(size=0), xc, "size must be in [1, 65536], got 0"),
+        "lrn_alpha_inf": (lrn_model(size=3, alpha=float("inf")), xc, "attribute alpha must be finite, got inf"),
+        "lrn_beta_nan": (lrn_model(size=3, beta=float("nan")), xc, "attribute beta must be finite, got nan"),
+        "lrn_rank": (lrn_model(size=3), np.ones((2, 4), np.float32), "rank >= 3), got rank 2"),
     }
     return cases
 

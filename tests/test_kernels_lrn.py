@@ -10,11 +10,11 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
-from onnx import TensorProto, helper
+from onnx import helper
 
 import toolchain
 from converters.ops.layers import LocalResponseNorm
-from test_kernels import ISAS, make_session
+from test_kernels import ISAS, lrn_model, make_session
 from toolchain import kernels
 from toolchain.kernels.graph import to_fast_ops
 
@@ -22,14 +22,6 @@ from toolchain.kernels.graph import to_fast_ops
 @pytest.fixture(scope="module")
 def lib():
     return kernels.library_path(build=True)
-
-
-def lrn_model(domain: str = "", **attrs) -> onnx.ModelProto:
-    node = helper.make_node("LRN", ["X"], ["Y"], domain=domain, **attrs)
-    graph = helper.make_graph([node], "lrn", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
-    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
-    return helper.make_model(graph, opset_imports=opsets)
 
 
 def reference(x: np.ndarray, size: int, alpha=1e-4, beta=0.75, bias=1.0) -> np.ndarray:
@@ -43,7 +35,7 @@ def reference(x: np.ndarray, size: int, alpha=1e-4, beta=0.75, bias=1.0) -> np.n
 
 
 def stock(x: np.ndarray, **attrs) -> np.ndarray:
-    sess = ort.InferenceSession(lrn_model(**attrs).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(lrn_model("", **attrs).SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"X": x})[0]
 
 
@@ -60,7 +52,7 @@ CASES = [  # (shape, attributes): positions not a multiple of any vector width, 
 @pytest.mark.parametrize("shape,attrs", CASES)
 def test_lrn_matches_stock_onnxruntime_and_numpy(lib, isa, shape, attrs):
     x = (np.random.default_rng(0).standard_normal(shape) * 3).astype(np.float32)
-    y = make_session(lrn_model(kernels.DOMAIN, **attrs), lib, isa=isa).run(None, {"X": x})[0]
+    y = make_session(lrn_model(**attrs), lib, isa=isa).run(None, {"X": x})[0]
     ref = reference(x, **attrs)
     np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-7)
     np.testing.assert_allclose(y, stock(x, **attrs), rtol=2e-6, atol=1e-7)
@@ -72,7 +64,7 @@ def test_lrn_any_rank_and_even_size_follow_the_onnx_formula(lib, isa):
     rng = np.random.default_rng(1)
     for shape, size in (((2, 6, 11), 4), ((1, 5, 2, 3, 4), 2), ((1, 8, 9, 9), 6)):
         x = rng.standard_normal(shape).astype(np.float32)
-        y = make_session(lrn_model(kernels.DOMAIN, size=size, alpha=0.3), lib, isa=isa).run(None, {"X": x})[0]
+        y = make_session(lrn_model(size=size, alpha=0.3), lib, isa=isa).run(None, {"X": x})[0]
         np.testing.assert_allclose(y, reference(x, size, alpha=0.3), rtol=2e-6, atol=1e-7)
         # the importer's layer (ONNX window for even sizes) agrees
         t = LocalResponseNorm(size, alpha=0.3, beta=0.75, k=1.0)(torch.from_numpy(x)).numpy()
@@ -83,7 +75,7 @@ def test_lrn_any_rank_and_even_size_follow_the_onnx_formula(lib, isa):
 def test_lrn_nonfinite_and_empty_inputs_follow_the_formula(lib, isa):
     x = np.random.default_rng(2).standard_normal((2, 6, 5, 7)).astype(np.float32)
     x[0, 2, 1, 3], x[1, 0, 4, 6], x[1, 5, 0, 0], x[0, 4, 2, 2] = np.nan, np.inf, -np.inf, 0.0
-    sess = make_session(lrn_model(kernels.DOMAIN, size=3), lib, isa=isa)
+    sess = make_session(lrn_model(size=3), lib, isa=isa)
     y = sess.run(None, {"X": x})[0]
     with np.errstate(invalid="ignore"):
         ref = reference(x, 3)
@@ -102,7 +94,7 @@ def test_lrn_nonfinite_and_empty_inputs_follow_the_formula(lib, isa):
 @pytest.mark.parametrize("isa", ISAS)
 def test_lrn_bitwise_equal_across_threads(lib, isa):
     x = np.random.default_rng(3).standard_normal((3, 16, 45, 45)).astype(np.float32)  # 6 tasks of <= 1024 positions
-    model = lrn_model(kernels.DOMAIN, size=5, alpha=1e-3)
+    model = lrn_model(size=5, alpha=1e-3)
     outs = [make_session(model, lib, threads=t, isa=isa).run(None, {"X": x})[0] for t in (1, 2, 3)]
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])
@@ -111,7 +103,7 @@ def test_lrn_bitwise_equal_across_threads(lib, isa):
 @pytest.mark.parametrize("isa", ISAS)
 def test_lrn_every_batch_size(lib, isa):
     rng = np.random.default_rng(5)
-    model = lrn_model(kernels.DOMAIN, size=5, alpha=0.1, beta=0.75, bias=1.5)
+    model = lrn_model(size=5, alpha=0.1, beta=0.75, bias=1.5)
     one, two = make_session(model, lib, threads=1, isa=isa), make_session(model, lib, threads=2, isa=isa)
     for n in [*range(1, 71), 256]:
         x = rng.standard_normal((n, 7, 3, 5)).astype(np.float32)
@@ -121,7 +113,7 @@ def test_lrn_every_batch_size(lib, isa):
 
 
 def test_lrn_rank_below_three_is_a_clear_error(lib):
-    sess = make_session(lrn_model(kernels.DOMAIN, size=3), lib)
+    sess = make_session(lrn_model(size=3), lib)
     with pytest.raises(Exception, match=r"LRN node .*rank >= 3\), got rank 2"):
         sess.run(None, {"X": np.ones((2, 6), np.float32)})
 
@@ -150,7 +142,7 @@ def test_fast_form_runs_lrn_in_the_library(lib, tmp_path):
 
 
 def test_to_fast_ops_leaves_other_domains_and_adds_the_opset_once():
-    model = lrn_model(size=3)
+    model = lrn_model("", size=3)
     model.graph.node.append(helper.make_node("LRN", ["Y"], ["Z"], domain="com.other", size=3))
     assert to_fast_ops(model) == 1
     assert [n.domain for n in model.graph.node] == [kernels.DOMAIN, "com.other"]
