@@ -30,7 +30,6 @@ import toolchain
 from toolchain import kernels, read_onnx
 from toolchain.bench import format_timings, memory_bandwidth, time_model, weight_bytes
 from toolchain.cli import main as toolchain_main
-from toolchain.methods.prune import MaskedConv2d, MaskedLinear
 from toolchain.zoo import MODELS_DIR
 
 
@@ -55,18 +54,8 @@ def lenet_files(name: str, work: Path) -> tuple[Path, Path, Path] | None:
 
 
 def dense_with_zeros(pruned: Path, out: Path) -> Path:
-    """The pruned model with plain dense layers holding its zeros (what DeepSparse reads)."""
-    import torch.nn as nn
-
-    net = toolchain.load(pruned)
-    for name, layer in net.layers().items():
-        if isinstance(layer, (MaskedLinear, MaskedConv2d)):
-            plain = nn.Linear(layer.in_features, layer.out_features) if isinstance(layer, MaskedLinear) else \
-                nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                          layer.dilation, layer.groups)
-            plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "mask"})
-            net.replace_layer(name, plain)
-    toolchain.export(net, out)
+    """The pruned model with plain dense layers holding its zeros (what DeepSparse reads): the dense form."""
+    toolchain.export(toolchain.load(pruned), out, form="dense")
     return out
 
 
