@@ -159,7 +159,10 @@ def measure(src: str | os.PathLike | onnx.ModelProto) -> tuple[list[LayerStats],
         if n.op_type in ("Conv", "Gemm", *CUSTOM_LAYERS) and len(n.input) > bias_at and n.input[bias_at]:
             want_consts.append(n.input[bias_at])
     values = _evaluate_values(model, [v for v in dict.fromkeys(want_consts) if v])
-    out_shapes = _output_shapes(model, [n.output[0] for n, _ in layer_nodes])
+    # a SparseConv with a fused max pool: its MACs are those of the conv output, found from its input
+    pooled = [n for n, _ in layer_nodes if n.op_type == "SparseConv" and any(a.name == "max_pool" for a in n.attribute)]
+    out_shapes = _output_shapes(model, list(dict.fromkeys([n.output[0] for n, _ in layer_nodes]
+                                                          + [n.input[0] for n in pooled])))
 
     stats, layer_roots = [], []
     for n, w in layer_nodes:
@@ -185,6 +188,8 @@ def measure(src: str | os.PathLike | onnx.ModelProto) -> tuple[list[LayerStats],
             roots |= _ancestor_initializers(v, producer, init_names)
         layer_roots.append(roots)
         out = out_shapes.get(n.output[0])
+        if any(n is p for p in pooled):
+            out = _conv_output_shape(n, out_shapes[n.input[0]])
         positions = int(np.prod(out[2:])) if (out is not None and n.op_type in ("Conv", "SparseConv", "ConvTranspose")) else 1
         if n.op_type == "MatMul" and out is not None and len(out) > 2:
             positions = int(np.prod(out[1:-1]))
@@ -222,11 +227,14 @@ def file_size(path) -> int:
 
 
 def _output_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, ...]]:
-    """Run the model once at batch 1 on zeros and record the shapes of `names`."""
+    """Run the model once at batch 1 on zeros and record the shapes of `names` (graph inputs among
+    them: the shape fed)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     existing = {o.name for o in m.graph.output}
-    for nm in names:
+    inputs = {i.name for i in m.graph.input}
+    computed = [nm for nm in names if nm not in inputs]
+    for nm in computed:
         if nm not in existing:
             m.graph.output.append(helper.make_empty_tensor_value_info(nm))
     sess = make_session(m)
@@ -235,8 +243,22 @@ def _output_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
         dtype = np.float32 if "float" in i.type else np.int64
         feeds[i.name] = np.zeros(shape, dtype)
-    outs = run(sess, feeds, names)
-    return {nm: o.shape for nm, o in zip(names, outs)}
+    outs = run(sess, feeds, computed)
+    shapes = {nm: o.shape for nm, o in zip(computed, outs)}
+    shapes.update({nm: feeds[nm].shape for nm in names if nm in feeds})
+    return shapes
+
+
+def _conv_output_shape(node: onnx.NodeProto, x_shape) -> tuple[int, ...]:
+    """[N, M, OH, OW] of a (Sparse)Conv node with input shape x_shape, before any fused pool."""
+    a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+    kh, kw = a["kernel_shape"]
+    sh, sw = a.get("strides", [1, 1])
+    dh, dw = a.get("dilations", [1, 1])
+    pt, pl, pb, pr = a.get("pads", [0, 0, 0, 0])
+    oh = (x_shape[2] + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (x_shape[3] + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    return (x_shape[0], -1, oh, ow)
 
 
 def format_table(stats: list[LayerStats], totals: dict, baseline: dict | None = None) -> str:

@@ -83,10 +83,11 @@ struct KernelTable {
   // dst[c*ldd + r] = src[r*lds + c] for r < rows, c < cols.
   void (*transpose)(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
 
-  // Direct form: out[(m-m0)*ldo + lane] = bias[m] + sum_j val[j] * base[off[j] + lane] for all
-  // 8*nv lanes.
+  // Direct form: r = bias[m] + sum_j val[j] * base[off[j] + lane] for all 8*nv lanes, written to
+  // o = out[(m-m0)*ldo + lane]. With max_into, o = max(o, r) instead, a NaN in either giving NaN (a
+  // fused max pool: the window's first position is written, the others max'ed in).
   void (*spmm_offsets)(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base, int nv,
-                       const float* bias, float* out, int64_t ldo);
+                       const float* bias, float* out, int64_t ldo, bool max_into);
 
   // y[m] = bias[m] + sum over blocks of (scale[m] *) sum_e v(e) x[col(e)], m in [m0, m1), blocks in
   // order. bias may be null.

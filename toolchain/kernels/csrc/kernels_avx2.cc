@@ -138,7 +138,7 @@ void spmm(const BlockedCsr& w, int64_t m0, int64_t m1, const float* xt, int nv, 
 
 template <int NV, int U>
 void spmm_offsets_t(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base, const float* bias, float* out,
-                    int64_t ldo) {
+                    int64_t ldo, bool max_into) {
   const float* val = w.val;
   const int32_t* off = w.off;
   for (int64_t m = m0; m < m1; ++m) {
@@ -172,22 +172,31 @@ void spmm_offsets_t(const OffsetCsr& w, int64_t m0, int64_t m1, const float* bas
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[0][v] = _mm256_add_ps(acc[0][v], acc[u][v]);
     float* o = out + (m - m0) * ldo;
+    if (max_into) {
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(o + 8 * v, acc[0][v]);
+      for (int v = 0; v < NV; ++v) {  // max(new, old) keeps a NaN in old; the blend keeps one in new
+        const __m256 r = acc[0][v];
+        const __m256 mx = _mm256_max_ps(r, _mm256_loadu_ps(o + 8 * v));
+        _mm256_storeu_ps(o + 8 * v, _mm256_blendv_ps(mx, r, _mm256_cmp_ps(r, r, _CMP_UNORD_Q)));
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) _mm256_storeu_ps(o + 8 * v, acc[0][v]);
+    }
   }
 }
 
 void spmm_offsets(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base, int nv, const float* bias,
-                  float* out, int64_t ldo) {
+                  float* out, int64_t ldo, bool max_into) {
   switch (nv) {
-    case 1: return spmm_offsets_t<1, 8>(w, m0, m1, base, bias, out, ldo);
-    case 2: return spmm_offsets_t<2, 4>(w, m0, m1, base, bias, out, ldo);
-    case 3: return spmm_offsets_t<3, 2>(w, m0, m1, base, bias, out, ldo);
-    case 4: return spmm_offsets_t<4, 2>(w, m0, m1, base, bias, out, ldo);
-    case 5: return spmm_offsets_t<5, 1>(w, m0, m1, base, bias, out, ldo);
-    case 6: return spmm_offsets_t<6, 1>(w, m0, m1, base, bias, out, ldo);
-    case 7: return spmm_offsets_t<7, 1>(w, m0, m1, base, bias, out, ldo);
-    default: return spmm_offsets_t<8, 1>(w, m0, m1, base, bias, out, ldo);
+    case 1: return spmm_offsets_t<1, 8>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 2: return spmm_offsets_t<2, 4>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 3: return spmm_offsets_t<3, 2>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 4: return spmm_offsets_t<4, 2>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 5: return spmm_offsets_t<5, 1>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 6: return spmm_offsets_t<6, 1>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 7: return spmm_offsets_t<7, 1>(w, m0, m1, base, bias, out, ldo, max_into);
+    default: return spmm_offsets_t<8, 1>(w, m0, m1, base, bias, out, ldo, max_into);
   }
 }
 

@@ -115,7 +115,7 @@ void spmm(const BlockedCsr& w, int64_t m0, int64_t m1, const float* xt, int nv, 
 
 template <int NV, int U>
 void spmm_offsets_t(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base, const float* bias, float* out,
-                    int64_t ldo) {
+                    int64_t ldo, bool max_into) {
   using T = TileShape<NV>;
   constexpr int NZ = T::NZ;
   const float* val = w.val;
@@ -151,22 +151,31 @@ void spmm_offsets_t(const OffsetCsr& w, int64_t m0, int64_t m1, const float* bas
 #pragma GCC unroll 8
       for (int z = 0; z < NZ; ++z) acc[0][z] = _mm512_add_ps(acc[0][z], acc[u][z]);
     float* o = out + (m - m0) * ldo;
+    if (max_into) {
 #pragma GCC unroll 8
-    for (int z = 0; z < NZ; ++z) T::store(o, z, acc[0][z]);
+      for (int z = 0; z < NZ; ++z) {  // max(new, old) keeps a NaN in old; the masked move one in new
+        const __m512 r = acc[0][z];
+        const __m512 mx = _mm512_max_ps(r, T::load(o, z));
+        T::store(o, z, _mm512_mask_mov_ps(mx, _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q), r));
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int z = 0; z < NZ; ++z) T::store(o, z, acc[0][z]);
+    }
   }
 }
 
 void spmm_offsets(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base, int nv, const float* bias,
-                  float* out, int64_t ldo) {
+                  float* out, int64_t ldo, bool max_into) {
   switch (nv) {
-    case 1: return spmm_offsets_t<1, 8>(w, m0, m1, base, bias, out, ldo);
-    case 2: return spmm_offsets_t<2, 8>(w, m0, m1, base, bias, out, ldo);
-    case 3: return spmm_offsets_t<3, 4>(w, m0, m1, base, bias, out, ldo);
-    case 4: return spmm_offsets_t<4, 4>(w, m0, m1, base, bias, out, ldo);
-    case 5: return spmm_offsets_t<5, 2>(w, m0, m1, base, bias, out, ldo);
-    case 6: return spmm_offsets_t<6, 2>(w, m0, m1, base, bias, out, ldo);
-    case 7: return spmm_offsets_t<7, 2>(w, m0, m1, base, bias, out, ldo);
-    default: return spmm_offsets_t<8, 2>(w, m0, m1, base, bias, out, ldo);
+    case 1: return spmm_offsets_t<1, 8>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 2: return spmm_offsets_t<2, 8>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 3: return spmm_offsets_t<3, 4>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 4: return spmm_offsets_t<4, 4>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 5: return spmm_offsets_t<5, 2>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 6: return spmm_offsets_t<6, 2>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 7: return spmm_offsets_t<7, 2>(w, m0, m1, base, bias, out, ldo, max_into);
+    default: return spmm_offsets_t<8, 2>(w, m0, m1, base, bias, out, ldo, max_into);
   }
 }
 

@@ -116,7 +116,7 @@ void spmm(const BlockedCsr& w, int64_t m0, int64_t m1, const float* xt, int nv, 
 
 template <int NV>
 void spmm_offsets_t(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base, const float* bias, float* out,
-                    int64_t ldo) {
+                    int64_t ldo, bool max_into) {
   constexpr int NT = 8 * NV;
   constexpr int SW = NT % 16 == 0 ? 16 : 8;
   for (int64_t m = m0; m < m1; ++m) {
@@ -129,22 +129,27 @@ void spmm_offsets_t(const OffsetCsr& w, int64_t m0, int64_t m1, const float* bas
         const float* xr = base + w.off[j] + l0;
         for (int l = 0; l < SW; ++l) acc[l] += v * xr[l];
       }
-      memcpy(out + (m - m0) * ldo + l0, acc, sizeof(acc));
+      float* o = out + (m - m0) * ldo + l0;
+      if (max_into) {
+        for (int l = 0; l < SW; ++l) o[l] = (acc[l] > o[l] || acc[l] != acc[l]) ? acc[l] : o[l];
+      } else {
+        memcpy(o, acc, sizeof(acc));
+      }
     }
   }
 }
 
 void spmm_offsets(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base, int nv, const float* bias,
-                  float* out, int64_t ldo) {
+                  float* out, int64_t ldo, bool max_into) {
   switch (nv) {
-    case 1: return spmm_offsets_t<1>(w, m0, m1, base, bias, out, ldo);
-    case 2: return spmm_offsets_t<2>(w, m0, m1, base, bias, out, ldo);
-    case 3: return spmm_offsets_t<3>(w, m0, m1, base, bias, out, ldo);
-    case 4: return spmm_offsets_t<4>(w, m0, m1, base, bias, out, ldo);
-    case 5: return spmm_offsets_t<5>(w, m0, m1, base, bias, out, ldo);
-    case 6: return spmm_offsets_t<6>(w, m0, m1, base, bias, out, ldo);
-    case 7: return spmm_offsets_t<7>(w, m0, m1, base, bias, out, ldo);
-    default: return spmm_offsets_t<8>(w, m0, m1, base, bias, out, ldo);
+    case 1: return spmm_offsets_t<1>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 2: return spmm_offsets_t<2>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 3: return spmm_offsets_t<3>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 4: return spmm_offsets_t<4>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 5: return spmm_offsets_t<5>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 6: return spmm_offsets_t<6>(w, m0, m1, base, bias, out, ldo, max_into);
+    case 7: return spmm_offsets_t<7>(w, m0, m1, base, bias, out, ldo, max_into);
+    default: return spmm_offsets_t<8>(w, m0, m1, base, bias, out, ldo, max_into);
   }
 }
 

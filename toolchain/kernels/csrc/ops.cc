@@ -1099,6 +1099,11 @@ class SparseConv {
     std::string auto_pad;
     if (get_string_attr(n, "auto_pad", &auto_pad) && !auto_pad.empty() && auto_pad != "NOTSET")
       n.fail("auto_pad is not supported; give explicit pads");
+    if (get_ints_attr(n, "max_pool", &v)) {
+      if (v.size() != 2 || v[0] < 1 || v[1] < 1 || v[0] > kMaxAttr || v[1] > kMaxAttr)
+        n.fail("max_pool must be 2 positive ints [ph, pw] (the pool window, and its strides)");
+      ph_ = v[0], pw_ = v[1];
+    }
     if (get_int_attr(n, "group", &group_) && (group_ < 1 || group_ > INT32_MAX))
       n.fail(format("group must be in [1, 2^31), got %lld", (long long)group_));
     if (get_int_attr(n, "in_channels", &in_channels_)) {
@@ -1145,7 +1150,11 @@ class SparseConv {
     if (H + pt_ + pb_ < dh_ * (kh_ - 1) + 1 || W + pl_ + pr_ < dw_ * (kw_ - 1) + 1)
       fail(format("input %lldx%lld (padded) is smaller than the dilated kernel", (long long)H, (long long)W));
     const int64_t M = rows_;
-    std::vector<int64_t> yshape{N, M, OH, OW};
+    const bool pooled = ph_ > 0;
+    if (pooled && (OH < ph_ || OW < pw_))
+      fail(format("the convolution's output %lldx%lld is smaller than the max_pool window %lldx%lld", (long long)OH,
+                  (long long)OW, (long long)ph_, (long long)pw_));
+    std::vector<int64_t> yshape{N, M, pooled ? OH / ph_ : OH, pooled ? OW / pw_ : OW};
     OrtValue* yv = nullptr;
     ort_check(g_api->KernelContext_GetOutput(ctx, 0, yshape.data(), yshape.size(), &yv), where_ + " output");
     if (N == 0) return;
@@ -1153,13 +1162,21 @@ class SparseConv {
     ort_check(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&y)), where_ + " output");
     Shape s{N, C, H, W, Cg, OH, OW};
     const float* xp = static_cast<const float*>(x.data);
+    if (pooled && use_batch(s) && all_finite(xp, N * C * H * W)) {
+      compute_batch(ctx, xp, s, y, /*pooled=*/true);  // the pool runs on the lanes, in cache
+      return;
+    }
+    // Unfused: the convolution (into a scratch buffer when pooled), its non-finite repair, the pool.
+    PooledBuf conv_buf(pool_);
+    float* yc = pooled ? conv_buf.buf.get(static_cast<size_t>(N * M * OH * OW)) : y;
     if (use_batch(s))
-      compute_batch(ctx, xp, s, y);
+      compute_batch(ctx, xp, s, yc, /*pooled=*/false);
     else if (use_direct(s))
-      compute_direct(ctx, xp, s, y);
+      compute_direct(ctx, xp, s, yc);
     else
-      compute_im2col(ctx, xp, s, y);
-    restore_nonfinite(xp, s, y);
+      compute_im2col(ctx, xp, s, yc);
+    restore_nonfinite(xp, s, yc);
+    if (pooled) max_pool(ctx, yc, N * M, OH, OW, y);
   }
 
  private:
@@ -1168,6 +1185,33 @@ class SparseConv {
   };
 
   [[noreturn]] void fail(const std::string& msg) const { throw OpError(ORT_INVALID_ARGUMENT, where_ + ": " + msg); }
+
+  // y = max pool of the conv output yc ([planes, OH, OW]) with window and strides [ph_, pw_], no padding,
+  // floor mode; a NaN anywhere in a window gives NaN (as torch's max_pool2d; stock onnxruntime's MaxPool
+  // keeps a NaN only in some window positions, docs/kernels.md). The window's rows are max'ed first, along
+  // whole rows (vectorised), then its columns.
+  void max_pool(OrtKernelContext* ctx, const float* yc, int64_t planes, int64_t OH, int64_t OW, float* y) const {
+    const int64_t POH = OH / ph_, POW = OW / pw_, L = POW * pw_;
+    parallel_for(ctx, static_cast<size_t>(ceil_div(planes, 8)), [&](size_t t) {
+      float* row = thread_scratch(2, static_cast<size_t>(L));
+      for (int64_t pl = t * 8; pl < std::min<int64_t>(planes, t * 8 + 8); ++pl) {
+        const float* src = yc + pl * OH * OW;
+        float* dst = y + pl * POH * POW;
+        for (int64_t i = 0; i < POH; ++i) {
+          const float* r = src + i * ph_ * OW;
+          memcpy(row, r, sizeof(float) * L);
+          for (int64_t a = 1; a < ph_; ++a)
+            for (int64_t k = 0; k < L; ++k) row[k] = nan_max(row[k], r[a * OW + k]);
+          for (int64_t j = 0; j < POW; ++j) {
+            float m = row[j * pw_];
+            for (int64_t b = 1; b < pw_; ++b) m = nan_max(m, row[j * pw_ + b]);
+            dst[i * POW + j] = m;
+          }
+        }
+      }
+    });
+  }
+  static inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }
 
   // Images in lanes: lane tiles of the zero-padded input, [C, Hp, Wp, lanes], at most 64 lanes, the
   // images split evenly over the tiles (200 images: 4 tiles of 56 lanes, not 3 x 64 + 8).
@@ -1386,7 +1430,7 @@ class SparseConv {
       const int nv = (valid + 7) / 8, NT = nv * 8;
       const int64_t m0 = g * Mg + mci * mc, m1 = std::min(g * Mg + Mg, m0 + mc);
       float* out = thread_scratch(0, static_cast<size_t>(m1 - m0) * NT);
-      kt->spmm_offsets(w, m0, m1, xp + (n * s.C + g * s.Cg) * HWp + q0, nv, bias, out, NT);
+      kt->spmm_offsets(w, m0, m1, xp + (n * s.C + g * s.Cg) * HWp + q0, nv, bias, out, NT, false);
       // lanes q = oh * Wp + ow with ow < OW are outputs: copy them row segment by row segment
       for (int64_t oh = q0 / Wp; oh * Wp < q0 + valid; ++oh) {
         const int64_t a = std::max(q0, oh * Wp), b = std::min(q0 + valid, oh * Wp + s.OW);
@@ -1401,10 +1445,12 @@ class SparseConv {
   // position (oh, ow) of filter m is then sum_j val[j] * xt[(off_j + (oh*sh*Wp + ow*sw)) * NT + lane],
   // one aligned NT-float row per non-zero: the offset-CSR tile product with offsets scaled by NT.
   // Each task computes a run of positions for a group's filters into its own [Mg, positions, NT] buffer
-  // and transposes it into Y's [N, M, P] while it is in cache.
-  void compute_batch(OrtKernelContext* ctx, const float* x, const Shape& s, float* y) {
+  // and transposes it into Y's [N, M, P] while it is in cache. pooled: the positions are those of the
+  // max pool's output, each the max of its window's conv positions (computed into the same lanes).
+  void compute_batch(OrtKernelContext* ctx, const float* x, const Shape& s, float* y, bool pooled) {
     const int64_t Hp = s.H + pt_ + pb_, Wp = s.W + pl_ + pr_, HWp = Hp * Wp;
-    const int64_t G = group_, Mg = rows_ / G, M = rows_, P = s.OH * s.OW;
+    const int64_t wh = pooled ? ph_ : 1, ww = pooled ? pw_ : 1, POW = s.OW / ww;
+    const int64_t G = group_, Mg = rows_ / G, M = rows_, P = (s.OH / wh) * POW;
     const int64_t NT = batch_lanes(s), nv = NT / 8, tiles = ceil_div(s.N, NT);
     // the direct form's element offsets, in rows of NT lanes (use_batch bounds C * HWp * NT below 2^31)
     std::shared_ptr<const std::vector<int32_t>> base = offsets_for(s.H, s.W, Hp, Wp);
@@ -1430,11 +1476,13 @@ class SparseConv {
         const int64_t g = task / pchunks, p0 = (task % pchunks) * pc, p1 = std::min(P, p0 + pc);
         const float* xg = xt + g * s.Cg * HWp * NT;
         float* ob = thread_scratch(0, static_cast<size_t>(Mg * pc * NT));  // [Mg, positions, lanes]
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t oh = p / s.OW, ow = p % s.OW;
-          kt->spmm_offsets(w, g * Mg, g * Mg + Mg, xg + (oh * sh_ * Wp + ow * sw_) * NT, static_cast<int>(nv), bias,
-                           ob + (p - p0) * NT, pc * NT);
-        }
+        for (int64_t p = p0; p < p1; ++p)
+          for (int64_t a = 0; a < wh; ++a)
+            for (int64_t b = 0; b < ww; ++b) {
+              const int64_t oh = p / POW * wh + a, ow = p % POW * ww + b;
+              kt->spmm_offsets(w, g * Mg, g * Mg + Mg, xg + (oh * sh_ * Wp + ow * sw_) * NT, static_cast<int>(nv),
+                               bias, ob + (p - p0) * NT, pc * NT, /*max_into=*/a + b > 0);
+            }
         for (int64_t m = 0; m < Mg; ++m)  // while in cache: [positions, lanes] -> Y[n, m, positions]
           kt->transpose(ob + m * pc * NT, NT, y + n0 * M * P + (g * Mg + m) * P + p0, M * P, p1 - p0, nn);
       });
@@ -1460,6 +1508,7 @@ class SparseConv {
   ConvAlgo algo_ = ConvAlgo::kAuto;
   int64_t kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1, pt_ = 0, pl_ = 0, pb_ = 0, pr_ = 0;
   int64_t group_ = 1, in_channels_ = 0, rows_ = 0, cols_ = 0;
+  int64_t ph_ = 0, pw_ = 0;  // fused max pool window (= strides); 0: none
   double density_ = 1.0;
   std::vector<float> bias_;
   BlockedWeights w_;

@@ -5,7 +5,10 @@ Node layout (domain "ai.toolchain", version 1), inputs in this order:
     row_ptr [M+1] int32, optional bias [M] float32.
 SparseLinear: attribute in_features (K); W is the CSR matrix [M, K]; Y = X W^T + bias.
 SparseConv:   attributes kernel_shape, strides, pads, dilations, group, in_channels; W is the conv
-              weight [M, C/group, kh, kw] reshaped to [M, C/group*kh*kw]; Y as ONNX Conv.
+              weight [M, C/group, kh, kw] reshaped to [M, C/group*kh*kw]; Y as ONNX Conv. Optional
+              max_pool [ph, pw]: Y is then the conv output max-pooled with that window and those
+              strides (no padding, floor mode, a NaN in a window gives NaN), the fused Conv -> MaxPool
+              of toolchain.kernels.graph.
 The CSR tensors must be initializers (the ops read and validate them when the session is created).
 """
 from __future__ import annotations
@@ -125,10 +128,10 @@ def sparse_linear_node(input_name: str, output_name: str, weight: np.ndarray, bi
 def sparse_conv_node(input_name: str, output_name: str, weight: np.ndarray, bias: np.ndarray | None = None, *,
                      strides: Sequence[int] = (1, 1), pads: Sequence[int] = (0, 0, 0, 0),
                      dilations: Sequence[int] = (1, 1), group: int = 1, name: str = "conv",
-                     index_dtype=None) -> tuple[onnx.NodeProto, list[TensorProto]]:
+                     index_dtype=None, max_pool: Sequence[int] | None = None) -> tuple[onnx.NodeProto, list[TensorProto]]:
     """SparseConv node for an ONNX-Conv-equivalent layer with weight [M, C/group, kh, kw] and its initializers.
 
-    pads are in ONNX order [top, left, bottom, right].
+    pads are in ONNX order [top, left, bottom, right]; max_pool [ph, pw] fuses a following max pool.
     """
     w = np.asarray(weight, dtype=np.float32)
     if w.ndim != 4:
@@ -144,6 +147,8 @@ def sparse_conv_node(input_name: str, output_name: str, weight: np.ndarray, bias
         pads=[int(p) for p in pads], dilations=[int(d) for d in dilations], group=int(group),
         in_channels=int(w.shape[1] * group),
     )
+    if max_pool is not None:
+        node.attribute.append(helper.make_attribute("max_pool", [int(p) for p in max_pool]))
     return node, tensors
 
 
@@ -173,16 +178,17 @@ def make_sparse_linear_model(weight: np.ndarray, bias: np.ndarray | None = None,
 
 def make_sparse_conv_model(weight: np.ndarray, bias: np.ndarray | None = None, *, input_hw=("H", "W"),
                            strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
-                           index_dtype=None, batch: int | str = "N", name: str = "conv") -> onnx.ModelProto:
+                           index_dtype=None, batch: int | str = "N", name: str = "conv",
+                           max_pool: Sequence[int] | None = None) -> onnx.ModelProto:
     """One-node model X [batch, C, H, W] -> Y with a SparseConv of dense `weight` [M, C/group, kh, kw]."""
     node, tensors = sparse_conv_node("X", "Y", weight, bias, strides=strides, pads=pads, dilations=dilations,
-                                     group=group, name=name, index_dtype=index_dtype)
+                                     group=group, name=name, index_dtype=index_dtype, max_pool=max_pool)
     m, cg, kh, kw = np.shape(weight)
     h, w = input_hw
     if isinstance(h, int) and isinstance(w, int):
         oh = (h + pads[0] + pads[2] - dilations[0] * (kh - 1) - 1) // strides[0] + 1
         ow = (w + pads[1] + pads[3] - dilations[1] * (kw - 1) - 1) // strides[1] + 1
-        y_shape = [batch, m, oh, ow]
+        y_shape = [batch, m, oh // max_pool[0], ow // max_pool[1]] if max_pool else [batch, m, oh, ow]
     else:
         y_shape = [batch, m, "OH", "OW"]
     return _model(node, tensors, [batch, cg * group, h, w], y_shape, "sparse_conv")

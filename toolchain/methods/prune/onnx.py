@@ -28,8 +28,12 @@ from .layers import MaskedConv2d, MaskedLinear, masked_from_dense
 from .sparse_format import encode, validate_csr
 
 # Densities up to which the custom ops beat onnxruntime's dense kernels, with a margin below the
-# measured break-even (SparseLinear ~70-80%, SparseConv ~60%: docs/kernels.md).
-FAST_MAX_DENSITY = {"linear": 0.6, "conv": 0.5}
+# measured break-even (SparseLinear ~70-80%, SparseConv ~60% on AlexNet conv3's 384 filters:
+# docs/kernels.md). Small filter banks (<= SMALL_CONV_FILTERS per group) give onnxruntime's dense Conv
+# little to block over and cost it two NCHWc reorders in a network: SparseConv is still ahead at 80%
+# on LeNet-5 conv2's 50 filters and on a par at 61% on conv1's 20 (ahead in the whole network).
+FAST_MAX_DENSITY = {"linear": 0.6, "conv": 0.5, "small conv": 0.7}
+SMALL_CONV_FILTERS = 64
 METADATA_KEY = "ai.toolchain.pruned"  # JSON list of the pruned layers' names
 
 
@@ -106,7 +110,8 @@ def emit_masked_conv(ctx, name, m, inputs, outputs):
     w, b = _arrays(m)
     attrs = conv_attrs(ctx, name, m)
     density = np.count_nonzero(w) / max(w.size, 1)
-    if _form(ctx) == "fast" and density <= FAST_MAX_DENSITY["conv"]:
+    small = m.out_channels // m.groups <= SMALL_CONV_FILTERS
+    if _form(ctx) == "fast" and density <= FAST_MAX_DENSITY["small conv" if small else "conv"]:
         ctx.add_node("SparseConv", [inputs[0], *_csr_inputs(ctx, name, w.reshape(w.shape[0], -1), b)], outputs,
                      name=name, domain=DOMAIN, in_channels=int(m.in_channels), **attrs)
         return
@@ -194,4 +199,10 @@ def convert_sparse_conv(node, ctx):
     layer = MaskedConv2d(cin, w.shape[0], (kh, kw), [int(s) for s in a.get("strides", [1, 1])], pads[:2],
                          [int(d) for d in a.get("dilations", [1, 1])], group, bias is not None)
     _fill(layer, w, bias)
-    return Converted(layer, [node.inputs[0]], name_hints=[node.name])
+    pool = None
+    if "max_pool" in a:  # the fused max pool of toolchain.kernels.graph: the standard layer again
+        k = [int(v) for v in a["max_pool"]]
+        if len(k) != 2 or min(k) < 1:
+            raise node.error(f"max_pool must be 2 positive ints, got {k}")
+        pool = nn.MaxPool2d(tuple(k), tuple(k))
+    return Converted(layer, [node.inputs[0]], name_hints=[node.name], post=pool, post_op="MaxPool")
