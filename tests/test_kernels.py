@@ -632,6 +632,24 @@ def test_linear_forms_follow_dense_on_nonfinite_inputs(lib, isa, form):
         _assert_same_nonfinite(y, ref)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_nonfinite_scan_sees_every_position(lib, isa):
+    # only column 0 is stored, so an Inf or NaN elsewhere reaches the outputs through the scan alone
+    # (KernelTable::all_finite: vector blocks of 64 / 16 / 8 values, a masked or scalar tail)
+    w = np.zeros((4, 150), np.float32)
+    w[:, 0] = 1.0
+    sess = make_session(csr.make_sparse_linear_model(w, None), lib, isa=isa)
+    for n in (1, 3):
+        for i in range(1, n * 150):
+            if i % 150 == 0:
+                continue
+            x = np.ones((n, 150), np.float32)
+            x.flat[i] = (np.inf, -np.inf, np.nan)[i % 3]
+            y = sess.run(None, {"X": x})[0]
+            row = i // 150
+            assert np.isnan(y[row]).all() and np.isfinite(np.delete(y, row, axis=0)).all(), (n, i)
+
+
 @pytest.mark.parametrize("algo", ["im2col", "direct", "batch"])
 @pytest.mark.parametrize("isa", ISAS)
 def test_sparse_conv_follows_dense_on_nonfinite_inputs(lib, isa, algo):

@@ -93,6 +93,9 @@ struct KernelTable {
   // order. bias may be null.
   void (*spmv_packed)(const PackedRows& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y);
 
+  // True when none of x[0 .. n) is NaN or +-Inf (the scan before the non-finite repair of ops.cc).
+  bool (*all_finite)(const float* x, int64_t n);
+
   // Local response normalisation of one image (x, y: [C, P] row-major, P spatial positions), positions
   // [p0, p1): y[c,p] = x[c,p] * t^(-beta), t = bias + coef * sum of x[k,p]^2 for k in
   // [max(0, c-lo), min(C-1, c+hi)], squares summed in increasing k. t^-0.75, t^-0.5 and t^-1 are

@@ -200,6 +200,24 @@ void spmm_offsets(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base,
   }
 }
 
+// x * 0 is +-0 for a finite x and NaN for NaN or +-Inf: four sums of those stay 0 or become NaN.
+bool all_finite(const float* x, int64_t n) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), zero, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), zero, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), zero, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), zero, a3);
+  }
+  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), zero, a0);
+  const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+  float t = 0.f;
+  for (; i < n; ++i) t += x[i] * 0.f;
+  return _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) == 0 && t == t;
+}
+
 // 8x8 blocks transposed in registers; ragged edges element by element.
 void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
   const int64_t r8 = rows & ~int64_t(7), c8 = cols & ~int64_t(7);
@@ -339,7 +357,7 @@ void lrn(const float* x, float* y, int64_t C, int64_t P, int64_t p0, int64_t p1,
   }
 }
 
-const KernelTable kTable = {"avx2", spmv, spmm, transpose, spmm_offsets, spmv_packed, lrn};
+const KernelTable kTable = {"avx2", spmv, spmm, transpose, spmm_offsets, spmv_packed, all_finite, lrn};
 
 }  // namespace
 

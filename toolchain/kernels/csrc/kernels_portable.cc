@@ -153,6 +153,16 @@ void spmm_offsets(const OffsetCsr& w, int64_t m0, int64_t m1, const float* base,
   }
 }
 
+bool all_finite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    memcpy(&bits, x + i, sizeof(bits));
+    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
+
 void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
   for (int64_t c0 = 0; c0 < cols; c0 += 16) {  // 16 source columns at a time keep the writes in L1
     const int64_t c1 = c0 + 16 < cols ? c0 + 16 : cols;
@@ -231,7 +241,7 @@ void lrn(const float* x, float* y, int64_t C, int64_t P, int64_t p0, int64_t p1,
   }
 }
 
-const KernelTable kTable = {"portable", spmv, spmm, transpose, spmm_offsets, spmv_packed, lrn};
+const KernelTable kTable = {"portable", spmv, spmm, transpose, spmm_offsets, spmv_packed, all_finite, lrn};
 
 }  // namespace
 

@@ -566,17 +566,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Inf at column k turns each output whose weight at k is zero into NaN (0 * Inf = NaN); the sparse
 // kernels never touch the weights they leave out. After the kernels, outputs that the dense form
 // makes NaN this way are set to NaN, so both forms agree (docs/hardening.md). The scan costs one
-// read of X; the repair runs only for rows of X that hold a non-finite value.
-
-bool all_finite(const float* x, int64_t n) {
-  uint32_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    memcpy(&bits, x + i, sizeof(bits));
-    bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-  }
-  return bad == 0;
-}
+// read of X (KernelTable::all_finite); the repair runs only for rows of X that hold a non-finite value.
 
 // Columns that row m of a blocked CSR stores (both storage orders).
 template <class F>
@@ -600,14 +590,15 @@ void for_each_column(const PackedRows& w, int64_t m, const F& f) {
 // Y [N, M] from X [N, K]: y[n, m] = NaN where row n of X is non-finite at a column row m of W does
 // not store. `w` is a BlockedCsr or PackedRows.
 template <class Weights>
-void restore_nonfinite_linear(const Weights& w, const float* x, float* y, int64_t N, int64_t K, int64_t M) {
-  if (all_finite(x, N * K)) return;
+void restore_nonfinite_linear(const KernelTable* kt, const Weights& w, const float* x, float* y, int64_t N, int64_t K,
+                              int64_t M) {
+  if (kt->all_finite(x, N * K)) return;
   std::vector<uint8_t> bad(K);
   std::vector<int64_t> seen(K);
   const float nan = std::numeric_limits<float>::quiet_NaN();
   for (int64_t n = 0; n < N; ++n) {
     const float* xn = x + n * K;
-    if (all_finite(xn, K)) continue;
+    if (kt->all_finite(xn, K)) continue;
     int64_t nbad = 0;
     for (int64_t k = 0; k < K; ++k) {
       bad[k] = !std::isfinite(xn[k]);
@@ -740,12 +731,12 @@ class SparseLinear {
         const int64_t m0 = t * mc, m1 = std::min(M, m0 + mc);
         kt->spmv(w, m0, m1, io.x, bias, io.y);
       });
-      restore_nonfinite_linear(w, io.x, io.y, 1, in_features_, M);
+      restore_nonfinite_linear(kt, w, io.x, io.y, 1, in_features_, M);
       return;
     }
     const BlockedCsr& w = w_.sub_major();
     linear_batched(ctx, kt, w, M, in_features_, io, bias, pool_);
-    restore_nonfinite_linear(w, io.x, io.y, io.N, in_features_, M);
+    restore_nonfinite_linear(kt, w, io.x, io.y, io.N, in_features_, M);
   }
 
  private:
@@ -817,7 +808,7 @@ class PackedLinear {
     } else {
       linear_batched(ctx, kt, decoded(), M, in_features_, io, bias, pool_);
     }
-    restore_nonfinite_linear(view_, io.x, io.y, io.N, in_features_, M);
+    restore_nonfinite_linear(kt, view_, io.x, io.y, io.N, in_features_, M);
   }
 
  private:
@@ -1162,7 +1153,7 @@ class SparseConv {
     ort_check(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&y)), where_ + " output");
     Shape s{N, C, H, W, Cg, OH, OW};
     const float* xp = static_cast<const float*>(x.data);
-    if (pooled && use_batch(s) && all_finite(xp, N * C * H * W)) {
+    if (pooled && use_batch(s) && kernels_->all_finite(xp, N * C * H * W)) {
       compute_batch(ctx, xp, s, y, /*pooled=*/true);  // the pool runs on the lanes, in cache
       return;
     }
@@ -1248,7 +1239,7 @@ class SparseConv {
   // Padding is zero and never non-finite.
   void restore_nonfinite(const float* x, const Shape& s, float* y) const {
     const int64_t HW = s.H * s.W;
-    if (all_finite(x, s.N * s.C * HW)) return;
+    if (kernels_->all_finite(x, s.N * s.C * HW)) return;
     const int64_t taps = kh_ * kw_, K = s.Cg * taps, G = group_, Mg = rows_ / G, P = s.OH * s.OW;
     const float nan = std::numeric_limits<float>::quiet_NaN();
     std::vector<uint8_t> bad(cols_, 0);
@@ -1258,7 +1249,7 @@ class SparseConv {
     for (int64_t n = 0; n < s.N; ++n)
       for (int64_t g = 0; g < G; ++g) {
         const float* xg = x + (n * s.C + g * s.Cg) * HW;
-        if (all_finite(xg, s.Cg * HW)) continue;
+        if (kernels_->all_finite(xg, s.Cg * HW)) continue;
         for (int64_t oh = 0; oh < s.OH; ++oh)
           for (int64_t ow = 0; ow < s.OW; ++ow) {
             int64_t nbad = 0;
