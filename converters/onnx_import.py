@@ -373,7 +373,7 @@ class _Importer:
             return False
         converted = self._convert(node)
         module = converted.module
-        if converted.pre is not None or converted.post is not None or any(True for _ in module.parameters()):
+        if converted.pre is not None or converted.post or any(True for _ in module.parameters()):
             return False  # a weighted layer fed by a constant stays a layer
         args = [torch.from_numpy(np.array(self.consts[v])) if v else None for v in converted.inputs]
         module.eval()
@@ -715,17 +715,16 @@ class _Importer:
                 nodes.append(Node(pre_key, "Pad", [inputs[0]], [padded]))
                 modules[pre_key] = c.pre
                 inputs[0] = padded
-            attrs = {k: v for k, v in node.attrs.items() if not isinstance(v, onnx.GraphProto)}
-            outputs = list(node.outputs)
-            if c.post is not None:
-                post_key, result = unique(f"{key}_{c.post_op.lower() or 'post'}"), self._fresh(f"{key}_out")
-                outputs[0], final = result, outputs[0]
-            nodes.append(Node(key, node.op_type, inputs, outputs, attrs))
-            modules[key] = c.module
-            if c.post is not None:
-                nodes.append(Node(post_key, c.post_op, [result], [final]))
-                modules[post_key] = c.post
             used_consts.update(v for v in inputs if v in self.consts)
+            attrs = {k: v for k, v in node.attrs.items() if not isinstance(v, onnx.GraphProto)}
+            steps = [(key, node.op_type, c.module, attrs)]  # the node, then its fused ops (Converted.post)
+            steps += [(unique(f"{key}_{op.lower()}"), op, module, {}) for op, module in c.post]
+            for i, (step_key, op, module, step_attrs) in enumerate(steps):
+                last = i == len(steps) - 1
+                outputs = list(node.outputs) if last else [self._fresh(f"{step_key}_out")]
+                nodes.append(Node(step_key, op, inputs, outputs, step_attrs))
+                modules[step_key] = module
+                inputs = outputs
         used_consts.update(v for v in self.output_names if v in self.consts)
         constants = {v: torch.tensor(np.asarray(self.consts[v])) for v in sorted(used_consts)}
         output_shapes = {}

@@ -71,8 +71,9 @@ class Converted:
     inputs: list[str] | None = None  # runtime inputs; None: all of node.inputs
     name_hints: list[str] = field(default_factory=list)  # candidate layer names (initializer names)
     pre: nn.Module | None = None  # optional module applied to the first input first (e.g. asymmetric padding)
-    post: nn.Module | None = None  # optional module applied to the (single) output (e.g. a fused max pool)
-    post_op: str = ""  # the ONNX op type `post` stands for (Node.op_type of its node)
+    # modules applied in order to the (single) output, with the ONNX op each stands for (fused ops of the
+    # fast form: a max pool, a ReLU)
+    post: list[tuple[str, nn.Module]] = field(default_factory=list)
 
 
 Converter = Callable[[OnnxNode, ConvertContext], "nn.Module | Converted"]

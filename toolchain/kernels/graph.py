@@ -6,7 +6,9 @@
 - a SparseConv whose only reader is a non-overlapping MaxPool (window = strides, no padding, floor mode),
   directly or through a Relu (which commutes with max and then runs on the pooled output), takes the
   pool into its output pass (attribute max_pool): the full-size conv output is never written,
-  and with images in lanes the pool is a vector max on data in cache (LeNet-5; docs/kernels.md).
+  and with images in lanes the pool is a vector max on data in cache (LeNet-5; docs/kernels.md);
+- a Relu that is the only reader of a SparseLinear or SparseConv output runs in that op's output pass
+  (attribute activation="Relu"), saving a node and a pass over the tensor.
 
 `to_fast_ops(model)` does both (in place); a fast-form file read back (`toolchain.load`) turns them into
 the standard layers again.
@@ -27,6 +29,7 @@ def to_fast_ops(model: onnx.ModelProto) -> int:
     """Rewrite the main graph's FAST_OPS nodes to DOMAIN and fuse max pools into SparseConv; returns how
     many nodes were rewritten."""
     count = fuse_max_pools(model)
+    count += fuse_relus(model)
     for node in model.graph.node:
         if node.domain in ("", "ai.onnx") and node.op_type in FAST_OPS:
             node.domain = DOMAIN
@@ -93,6 +96,38 @@ def fuse_max_pools(model: onnx.ModelProto) -> int:
             chain[0].output[0] = pool.output[0]
         dropped.add(readers[pool.input[0]][0])
         _keep(g.value_info, lambda i, v: v.name not in stale)
+    _keep(g.node, lambda i, n: i not in dropped)
+    return len(dropped)
+
+
+RELU_HOSTS = ("SparseLinear", "SparseConv")
+
+
+def fuse_relus(model: onnx.ModelProto) -> int:
+    """SparseLinear / SparseConv -> Relu pairs of the main graph become the op with activation="Relu" (in
+    place), where the Relu is the op output's only reader and that output is no graph output. Returns the
+    count."""
+    g = model.graph
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(g.node):
+        for name in set(n.input):
+            readers.setdefault(name, []).append(i)
+    outputs = {o.name for o in g.output}
+    dropped: set[int] = set()
+    for n in g.node:
+        if n.op_type not in RELU_HOSTS or n.domain != DOMAIN or any(a.name == "activation" for a in n.attribute):
+            continue
+        mid = n.output[0]
+        users = readers.get(mid, [])
+        if mid in outputs or len(users) != 1:
+            continue
+        relu = g.node[users[0]]
+        if relu.op_type != "Relu" or relu.domain not in ("", "ai.onnx"):
+            continue
+        n.attribute.append(onnx.helper.make_attribute("activation", "Relu"))
+        n.output[0] = relu.output[0]
+        dropped.add(users[0])
+        _keep(g.value_info, lambda i, v: v.name != mid)
     _keep(g.node, lambda i, n: i not in dropped)
     return len(dropped)
 

@@ -332,6 +332,19 @@ bool get_string_attr(const NodeInfo& n, const char* name, std::string* out) {
   return true;
 }
 
+// Optional string attribute `activation` of the layer ops: absent or "" for none, "Relu" for a ReLU
+// fused into the output pass (y = y < 0 ? 0 : y, so NaN and -0 pass as through onnxruntime's Relu).
+bool read_activation(const NodeInfo& n) {
+  std::string a;
+  if (!get_string_attr(n, "activation", &a) || a.empty()) return false;
+  if (a != "Relu") n.fail(format("activation must be \"Relu\" or absent, got \"%s\"", a.c_str()));
+  return true;
+}
+
+void relu_inplace(float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = y[i] < 0.f ? 0.f : y[i];
+}
+
 struct TensorRef {
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   std::vector<int64_t> shape;
@@ -650,7 +663,7 @@ LinearIo linear_io(OrtKernelContext* ctx, const std::string& where, int64_t in_f
 // Y [N, M] = X [N, K] W^T + bias for N > 1: batch tiles of up to 64 rows of X, transposed to
 // [K, NT] so that one W row updates a whole tile with contiguous loads (w sub-major).
 void linear_batched(OrtKernelContext* ctx, const KernelTable* kt, const BlockedCsr& w, int64_t M, int64_t K,
-                    const LinearIo& io, const float* bias, BufferPool& pool) {
+                    const LinearIo& io, const float* bias, BufferPool& pool, bool relu) {
   const int64_t N = io.N;
   const float* xp = io.x;
   float* y = io.y;
@@ -686,6 +699,7 @@ void linear_batched(OrtKernelContext* ctx, const KernelTable* kt, const BlockedC
     const int NT = nv * 8;
     float* yt = thread_scratch(0, static_cast<size_t>(m1 - m0) * NT);
     kt->spmm(w, m0, m1, xt + t * K * kMaxTile, nv, bias, yt, NT, NT, yt);
+    if (relu) relu_inplace(yt, (m1 - m0) * NT);
     kt->transpose(yt, NT, y + n0 * M + m0, M, m1 - m0, valid);
   });
 }
@@ -711,6 +725,7 @@ class SparseLinear {
     kernels_ = select_kernels();
     if (!get_int_attr(n, "in_features", &in_features_)) n.fail("missing required int attribute 'in_features'");
     if (in_features_ < 1) n.fail(format("in_features must be >= 1, got %lld", (long long)in_features_));
+    relu_ = read_activation(n);
     Csr c = read_csr(n, in_features_);
     rows_ = c.rows;
     bias_ = std::move(c.bias);
@@ -730,12 +745,13 @@ class SparseLinear {
       parallel_for(ctx, ceil_div(M, mc), [&](size_t t) {
         const int64_t m0 = t * mc, m1 = std::min(M, m0 + mc);
         kt->spmv(w, m0, m1, io.x, bias, io.y);
+        if (relu_) relu_inplace(io.y + m0, m1 - m0);
       });
       restore_nonfinite_linear(kt, w, io.x, io.y, 1, in_features_, M);
       return;
     }
     const BlockedCsr& w = w_.sub_major();
-    linear_batched(ctx, kt, w, M, in_features_, io, bias, pool_);
+    linear_batched(ctx, kt, w, M, in_features_, io, bias, pool_, relu_);
     restore_nonfinite_linear(kt, w, io.x, io.y, io.N, in_features_, M);
   }
 
@@ -744,6 +760,7 @@ class SparseLinear {
   const KernelTable* kernels_ = nullptr;
   int64_t in_features_ = 0;
   int64_t rows_ = 0;
+  bool relu_ = false;  // fused ReLU (attribute activation)
   std::vector<float> bias_;
   BlockedWeights w_;
   BufferPool pool_;
@@ -806,7 +823,7 @@ class PackedLinear {
         kt->spmv_packed(view_, m0, m1, io.x, bias, io.y);
       });
     } else {
-      linear_batched(ctx, kt, decoded(), M, in_features_, io, bias, pool_);
+      linear_batched(ctx, kt, decoded(), M, in_features_, io, bias, pool_, false);
     }
     restore_nonfinite_linear(kt, view_, io.x, io.y, io.N, in_features_, M);
   }
@@ -1090,6 +1107,7 @@ class SparseConv {
     std::string auto_pad;
     if (get_string_attr(n, "auto_pad", &auto_pad) && !auto_pad.empty() && auto_pad != "NOTSET")
       n.fail("auto_pad is not supported; give explicit pads");
+    relu_ = read_activation(n);
     if (get_ints_attr(n, "max_pool", &v)) {
       if (v.size() != 2 || v[0] < 1 || v[1] < 1 || v[0] > kMaxAttr || v[1] > kMaxAttr)
         n.fail("max_pool must be 2 positive ints [ph, pw] (the pool window, and its strides)");
@@ -1301,6 +1319,8 @@ class SparseConv {
       const int64_t m0 = g * Mg + mci * mc, m1 = std::min(g * Mg + Mg, m0 + mc);
       float* scratch = thread_scratch(1, static_cast<size_t>(m1 - m0) * nv * 8);
       kt->spmm(w, m0, m1, xt, nv, bias, y + (n * M + m0) * P + p0, P, valid, scratch);
+      if (relu_)
+        for (int64_t m = m0; m < m1; ++m) relu_inplace(y + (n * M + m) * P + p0, valid);
     };
     auto gather = [&](int64_t tile_task, float* xt) {
       int64_t n, g, p0;
@@ -1422,6 +1442,7 @@ class SparseConv {
       const int64_t m0 = g * Mg + mci * mc, m1 = std::min(g * Mg + Mg, m0 + mc);
       float* out = thread_scratch(0, static_cast<size_t>(m1 - m0) * NT);
       kt->spmm_offsets(w, m0, m1, xp + (n * s.C + g * s.Cg) * HWp + q0, nv, bias, out, NT, false);
+      if (relu_) relu_inplace(out, (m1 - m0) * NT);
       // lanes q = oh * Wp + ow with ow < OW are outputs: copy them row segment by row segment
       for (int64_t oh = q0 / Wp; oh * Wp < q0 + valid; ++oh) {
         const int64_t a = std::max(q0, oh * Wp), b = std::min(q0 + valid, oh * Wp + s.OW);
@@ -1474,6 +1495,7 @@ class SparseConv {
               kt->spmm_offsets(w, g * Mg, g * Mg + Mg, xg + (oh * sh_ * Wp + ow * sw_) * NT, static_cast<int>(nv),
                                bias, ob + (p - p0) * NT, pc * NT, /*max_into=*/a + b > 0);
             }
+        if (relu_) relu_inplace(ob, Mg * pc * NT);
         for (int64_t m = 0; m < Mg; ++m)  // while in cache: [positions, lanes] -> Y[n, m, positions]
           kt->transpose(ob + m * pc * NT, NT, y + n0 * M * P + (g * Mg + m) * P + p0, M * P, p1 - p0, nn);
       });
@@ -1500,6 +1522,7 @@ class SparseConv {
   int64_t kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1, pt_ = 0, pl_ = 0, pb_ = 0, pr_ = 0;
   int64_t group_ = 1, in_channels_ = 0, rows_ = 0, cols_ = 0;
   int64_t ph_ = 0, pw_ = 0;  // fused max pool window (= strides); 0: none
+  bool relu_ = false;        // fused ReLU (attribute activation), applied before the pool (they commute)
   double density_ = 1.0;
   std::vector<float> bias_;
   BlockedWeights w_;

@@ -9,6 +9,8 @@ SparseConv:   attributes kernel_shape, strides, pads, dilations, group, in_chann
               max_pool [ph, pw]: Y is then the conv output max-pooled with that window and those
               strides (no padding, floor mode, a NaN in a window gives NaN), the fused Conv -> MaxPool
               of toolchain.kernels.graph.
+Both take an optional string attribute activation: "Relu" applies a ReLU to Y (y < 0 ? 0 : y) in the
+output pass (the fused Relu of toolchain.kernels.graph).
 The CSR tensors must be initializers (the ops read and validate them when the session is created).
 """
 from __future__ import annotations
@@ -114,7 +116,8 @@ def _csr_initializers(name: str, w2d: np.ndarray, bias, index_dtype) -> tuple[li
 
 
 def sparse_linear_node(input_name: str, output_name: str, weight: np.ndarray, bias: np.ndarray | None = None,
-                       *, name: str = "fc", index_dtype=None) -> tuple[onnx.NodeProto, list[TensorProto]]:
+                       *, name: str = "fc", index_dtype=None,
+                       activation: str | None = None) -> tuple[onnx.NodeProto, list[TensorProto]]:
     """SparseLinear node for Y = X weight^T + bias (weight dense [M, K], zeros dropped) and its initializers."""
     w = np.asarray(weight, dtype=np.float32)
     if w.ndim != 2:
@@ -122,13 +125,16 @@ def sparse_linear_node(input_name: str, output_name: str, weight: np.ndarray, bi
     inputs, tensors = _csr_initializers(name, w, bias, index_dtype)
     node = helper.make_node("SparseLinear", [input_name, *inputs], [output_name], name=name, domain=DOMAIN,
                             in_features=int(w.shape[1]))
+    if activation:
+        node.attribute.append(helper.make_attribute("activation", activation))
     return node, tensors
 
 
 def sparse_conv_node(input_name: str, output_name: str, weight: np.ndarray, bias: np.ndarray | None = None, *,
                      strides: Sequence[int] = (1, 1), pads: Sequence[int] = (0, 0, 0, 0),
                      dilations: Sequence[int] = (1, 1), group: int = 1, name: str = "conv",
-                     index_dtype=None, max_pool: Sequence[int] | None = None) -> tuple[onnx.NodeProto, list[TensorProto]]:
+                     index_dtype=None, max_pool: Sequence[int] | None = None,
+                     activation: str | None = None) -> tuple[onnx.NodeProto, list[TensorProto]]:
     """SparseConv node for an ONNX-Conv-equivalent layer with weight [M, C/group, kh, kw] and its initializers.
 
     pads are in ONNX order [top, left, bottom, right]; max_pool [ph, pw] fuses a following max pool.
@@ -149,6 +155,8 @@ def sparse_conv_node(input_name: str, output_name: str, weight: np.ndarray, bias
     )
     if max_pool is not None:
         node.attribute.append(helper.make_attribute("max_pool", [int(p) for p in max_pool]))
+    if activation:
+        node.attribute.append(helper.make_attribute("activation", activation))
     return node, tensors
 
 
@@ -169,9 +177,9 @@ def _model(node, tensors, x_shape, y_shape, graph_name: str) -> onnx.ModelProto:
 
 
 def make_sparse_linear_model(weight: np.ndarray, bias: np.ndarray | None = None, *, index_dtype=None,
-                             batch: int | str = "N", name: str = "fc") -> onnx.ModelProto:
+                             batch: int | str = "N", name: str = "fc", activation: str | None = None) -> onnx.ModelProto:
     """One-node model X [batch, K] -> Y [batch, M] with a SparseLinear of dense `weight` [M, K]."""
-    node, tensors = sparse_linear_node("X", "Y", weight, bias, name=name, index_dtype=index_dtype)
+    node, tensors = sparse_linear_node("X", "Y", weight, bias, name=name, index_dtype=index_dtype, activation=activation)
     m, k = np.shape(weight)
     return _model(node, tensors, [batch, k], [batch, m], "sparse_linear")
 
@@ -179,10 +187,11 @@ def make_sparse_linear_model(weight: np.ndarray, bias: np.ndarray | None = None,
 def make_sparse_conv_model(weight: np.ndarray, bias: np.ndarray | None = None, *, input_hw=("H", "W"),
                            strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
                            index_dtype=None, batch: int | str = "N", name: str = "conv",
-                           max_pool: Sequence[int] | None = None) -> onnx.ModelProto:
+                           max_pool: Sequence[int] | None = None, activation: str | None = None) -> onnx.ModelProto:
     """One-node model X [batch, C, H, W] -> Y with a SparseConv of dense `weight` [M, C/group, kh, kw]."""
     node, tensors = sparse_conv_node("X", "Y", weight, bias, strides=strides, pads=pads, dilations=dilations,
-                                     group=group, name=name, index_dtype=index_dtype, max_pool=max_pool)
+                                     group=group, name=name, index_dtype=index_dtype, max_pool=max_pool,
+                                     activation=activation)
     m, cg, kh, kw = np.shape(weight)
     h, w = input_hw
     if isinstance(h, int) and isinstance(w, int):

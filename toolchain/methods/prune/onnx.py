@@ -181,7 +181,18 @@ def convert_sparse_linear(node, ctx):
     w, bias = _dense(node, ctx, k)
     layer = MaskedLinear(k, w.shape[0], bias is not None)
     _fill(layer, w, bias)
-    return Converted(layer, [node.inputs[0]], name_hints=[node.name])
+    return Converted(layer, [node.inputs[0]], name_hints=[node.name], post=_activation(node))
+
+
+def _activation(node) -> list[tuple[str, nn.Module]]:
+    """The fused activation of a fast-form layer (attribute activation) as the standard layer."""
+    act = node.attrs.get("activation", "")
+    act = act.decode() if isinstance(act, bytes) else act
+    if act in ("", None):
+        return []
+    if act != "Relu":
+        raise node.error(f"activation must be 'Relu' or absent, got {act!r}")
+    return [("Relu", nn.ReLU())]
 
 
 @register_converter("SparseConv", opsets=[1], domain=DOMAIN)
@@ -199,10 +210,10 @@ def convert_sparse_conv(node, ctx):
     layer = MaskedConv2d(cin, w.shape[0], (kh, kw), [int(s) for s in a.get("strides", [1, 1])], pads[:2],
                          [int(d) for d in a.get("dilations", [1, 1])], group, bias is not None)
     _fill(layer, w, bias)
-    pool = None
+    post = []
     if "max_pool" in a:  # the fused max pool of toolchain.kernels.graph: the standard layer again
         k = [int(v) for v in a["max_pool"]]
         if len(k) != 2 or min(k) < 1:
             raise node.error(f"max_pool must be 2 positive ints, got {k}")
-        pool = nn.MaxPool2d(tuple(k), tuple(k))
-    return Converted(layer, [node.inputs[0]], name_hints=[node.name], post=pool, post_op="MaxPool")
+        post.append(("MaxPool", nn.MaxPool2d(tuple(k), tuple(k))))
+    return Converted(layer, [node.inputs[0]], name_hints=[node.name], post=post + _activation(node))

@@ -1,8 +1,12 @@
-"""SparseConv's fused max pool (attribute max_pool) and the fast form's SparseConv -> MaxPool fusion
-(toolchain/kernels/graph.py): the same results as the convolution followed by torch's max_pool2d, on
-every ISA path and algorithm of this CPU, every batch size, any thread count; a NaN in a window gives
-NaN; only the MaxPools the output pass computes exactly are fused; a fused file reads back as the
-standard layers. Bad attributes are in test_kernels.py's subprocess cases."""
+"""Ops fused into the layer ops' output pass by the fast form (toolchain/kernels/graph.py):
+
+- SparseConv's max pool (attribute max_pool): the same results as the convolution followed by torch's
+  max_pool2d, on every ISA path and algorithm of this CPU, every batch size, any thread count; a NaN in
+  a window gives NaN; only the MaxPools the output pass computes exactly are fused;
+- SparseLinear's and SparseConv's ReLU (attribute activation="Relu"): bitwise the unfused op followed by
+  onnxruntime's Relu, NaN and -0 included.
+
+Fused files read back as the standard layers. Bad attributes are in test_kernels.py's subprocess cases."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +22,7 @@ import toolchain
 from test_kernels import (ISAS, _dense_conv, _poison, assert_close, make_session, random_sparse,
                           torch_conv)
 from toolchain import kernels
-from toolchain.kernels.graph import fuse_max_pools, to_fast_ops
+from toolchain.kernels.graph import fuse_max_pools, fuse_relus, to_fast_ops
 from toolchain.measure import measure
 from toolchain.methods.prune import csr
 from toolchain.methods.prune.layers import masked_from_dense
@@ -142,7 +146,7 @@ def test_fusable_max_pools_are_fused_with_the_same_outputs(lib, attrs, relu):
     model = _conv_pool_graph(attrs, relu=relu)
     x = np.random.default_rng(9).standard_normal((3, 2, 10, 9)).astype(np.float32)
     want = make_session(model, lib).run(None, {"X": x})[0]
-    assert to_fast_ops(model) == 1
+    assert fuse_max_pools(model) == 1
     assert [n.op_type for n in model.graph.node] == ["SparseConv", *(["Relu"] if relu else []), "Relu"]
     conv = model.graph.node[0]
     assert list(conv.output) == ["Y" if relu else "P"]
@@ -192,7 +196,7 @@ def test_fast_form_fuses_pools_and_reads_back_as_standard_layers(lib, tmp_path):
     toolchain.export(net, portable, example_input=example)
     toolchain.export(net, fast, form="fast", example_input=example)
     nodes = onnx.load(fast).graph.node
-    assert not [n for n in nodes if n.op_type == "MaxPool"]
+    assert not [n for n in nodes if n.op_type in ("MaxPool", "Relu")]
     assert [len([a for a in n.attribute if a.name == "max_pool"]) for n in nodes if n.op_type == "SparseConv"] == [1, 1]
     x = np.random.default_rng(4).standard_normal((20, 1, 16, 16)).astype(np.float32)
     ref = ort.InferenceSession(str(portable), providers=["CPUExecutionProvider"])
@@ -208,6 +212,7 @@ def test_fast_form_fuses_pools_and_reads_back_as_standard_layers(lib, tmp_path):
     # read back: pruned convs followed by standard max pools, re-exportable
     back = toolchain.load(fast)
     assert sum(isinstance(m, nn.MaxPool2d) for m in back.modules()) == 2
+    assert sum(isinstance(m, nn.ReLU) for m in back.modules()) == 1
     np.testing.assert_allclose(back(torch.from_numpy(x)).detach().numpy(), want, rtol=1e-5, atol=1e-5)
     again = tmp_path / "again.onnx"
     toolchain.export(back, again, form="fast", example_input=example)
@@ -222,4 +227,123 @@ def test_bad_max_pool_attribute_is_an_import_error(tmp_path):
     attrs = model.graph.node[0].attribute
     next(a for a in attrs if a.name == "max_pool").ints[:] = [2, 0]
     with pytest.raises(toolchain.errors.ModelFormatError, match="max_pool must be 2 positive ints"):
+        toolchain.load(model)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused ReLU
+
+
+def _stock_relu(y: np.ndarray) -> np.ndarray:
+    g = helper.make_graph([helper.make_node("Relu", ["X"], ["Y"])], "relu",
+                          [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": y})[0]
+
+
+def _assert_bitwise(y: np.ndarray, want: np.ndarray) -> None:
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(want))  # -0 stays -0, as in onnxruntime's Relu
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fused_relu_linear_is_stock_relu_of_the_op(lib, isa):
+    rng = np.random.default_rng(31)
+    w = random_sparse(rng, (37, 300), 0.3, empty_rows=3)
+    b = rng.standard_normal(37).astype(np.float32)
+    b[:3] = -0.0  # empty rows give -0 + nothing: the sign must survive
+    fused = make_session(csr.make_sparse_linear_model(w, b, activation="Relu"), lib, isa=isa)
+    fused2 = make_session(csr.make_sparse_linear_model(w, b, activation="Relu"), lib, threads=2, isa=isa)
+    plain = make_session(csr.make_sparse_linear_model(w, b), lib, isa=isa)
+    for n in [*range(1, 71), 256]:
+        x = rng.standard_normal((n, 300)).astype(np.float32)
+        if n % 7 == 0:
+            _poison(x, rng, 2)
+        want = _stock_relu(plain.run(None, {"X": x})[0])
+        y = fused.run(None, {"X": x})[0]
+        _assert_bitwise(y, want)
+        _assert_bitwise(fused2.run(None, {"X": x})[0], y)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_fused_relu_conv_is_stock_relu_of_the_op(lib, isa, algo):
+    for i, c in enumerate(CASES):
+        rng = np.random.default_rng(300 + i)
+        wt = random_sparse(rng, (c["m"], c["c"] // c["group"], *c["k"]), c["density"])
+        b = rng.standard_normal(c["m"]).astype(np.float32)
+        kw = dict(input_hw=c["hw"], strides=c["strides"], pads=c["pads"], group=c["group"])
+        x = rng.standard_normal((c["n"], c["c"], *c["hw"])).astype(np.float32)
+        if i % 2:
+            _poison(x, rng, 2)
+        for pool in (None, c["pool"]):
+            plain = make_session(csr.make_sparse_conv_model(wt, b, max_pool=pool, **kw), lib, isa=isa, conv=algo)
+            fused = make_session(csr.make_sparse_conv_model(wt, b, max_pool=pool, activation="Relu", **kw), lib,
+                                 threads=1 + i % 2, isa=isa, conv=algo)
+            _assert_bitwise(fused.run(None, {"X": x})[0], _stock_relu(plain.run(None, {"X": x})[0]))
+
+
+def _linear_relu_graph(extra_reader=False, relu_output_is_graph_output=False, linear_output_is_graph_output=False):
+    """X -> SparseLinear (Y) -> Relu (R) -> SparseLinear (Z)."""
+    rng = np.random.default_rng(10)
+    fc1, t1 = csr.sparse_linear_node("X", "Y", random_sparse(rng, (8, 6), 0.5), None, name="fc1")
+    fc2, t2 = csr.sparse_linear_node("R", "Z", random_sparse(rng, (3, 8), 0.5), None, name="fc2")
+    nodes = [fc1, helper.make_node("Relu", ["Y"], ["R"]), fc2]
+    outputs = [helper.make_tensor_value_info("Z", TensorProto.FLOAT, [None, 3])]
+    if extra_reader:
+        nodes.append(helper.make_node("Sigmoid", ["Y"], ["S"]))
+        outputs.append(helper.make_tensor_value_info("S", TensorProto.FLOAT, [None, 8]))
+    for flag, name in ((relu_output_is_graph_output, "R"), (linear_output_is_graph_output, "Y")):
+        if flag:
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, 8]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 6])],
+                              outputs, t1 + t2, value_info=[helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 8])])
+    return helper.make_model(graph, opset_imports=csr.opset_imports())
+
+
+def test_relu_after_a_layer_op_is_fused(lib):
+    model = _linear_relu_graph()
+    x = np.random.default_rng(11).standard_normal((5, 6)).astype(np.float32)
+    want = make_session(model, lib).run(None, {"X": x})[0]
+    assert fuse_relus(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["SparseLinear", "SparseLinear"]
+    fc1 = model.graph.node[0]
+    assert list(fc1.output) == ["R"] and [a.s for a in fc1.attribute if a.name == "activation"] == [b"Relu"]
+    assert "Y" not in {v.name for v in model.graph.value_info}
+    onnx.checker.check_model(model)
+    np.testing.assert_array_equal(make_session(model, lib).run(None, {"X": x})[0], want)
+    assert fuse_relus(model) == 0
+
+
+@pytest.mark.parametrize("kw", [dict(extra_reader=True), dict(linear_output_is_graph_output=True)])
+def test_relu_with_other_readers_is_left_alone(kw):
+    model = _linear_relu_graph(**kw)
+    before = model.SerializeToString()
+    assert fuse_relus(model) == 0
+    assert model.SerializeToString() == before
+
+
+def test_relu_whose_output_is_a_graph_output_is_fused_keeping_the_name(lib):
+    model = _linear_relu_graph(relu_output_is_graph_output=True)
+    assert fuse_relus(model) == 1
+    assert list(model.graph.node[0].output) == ["R"]
+
+
+def test_conv_relu_pool_becomes_one_node(lib):
+    model = _conv_pool_graph(dict(kernel_shape=[2, 2], strides=[2, 2]), relu=True)
+    x = np.random.default_rng(12).standard_normal((20, 2, 10, 9)).astype(np.float32)
+    want = make_session(model, lib).run(None, {"X": x})[0]
+    assert to_fast_ops(model) == 2  # the pool and the Relu before it (the graph's second Relu stays)
+    assert [n.op_type for n in model.graph.node] == ["SparseConv", "Relu"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in model.graph.node[0].attribute}
+    assert attrs["max_pool"] == [2, 2] and attrs["activation"] == b"Relu"
+    np.testing.assert_array_equal(make_session(model, lib).run(None, {"X": x})[0], want)
+
+
+def test_bad_activation_is_an_import_error():
+    model = _linear_relu_graph()
+    fuse_relus(model)
+    next(a for a in model.graph.node[0].attribute if a.name == "activation").s = b"Tanh"
+    with pytest.raises(toolchain.errors.ModelFormatError, match="activation must be 'Relu' or absent"):
         toolchain.load(model)
