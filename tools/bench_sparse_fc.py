@@ -123,6 +123,41 @@ def session(model: onnx.ModelProto, threads: int, sparse: bool) -> ort.Inference
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def cache_resident_rates(isas, reps: int = 5, rows: int = 150, seconds: float = 0.3) -> dict[str, float]:
+    """Batch-1 ns per kept weight of the fp32 kernel with its weights in L2: one 9216-column layer at 10%
+    (`rows` rows, about 0.8 MB), timed against a 1-row layer of the same width so that the fixed costs of a
+    run (onnxruntime's call, the scan of X) cancel; ISA paths interleaved `reps` times, medians."""
+    rng = np.random.default_rng(3)
+    k = LAYERS[0][1]
+    big = magnitude_prune(rng.standard_normal((rows, k), dtype=np.float32), 0.10)
+    small = magnitude_prune(rng.standard_normal((1, k), dtype=np.float32), 0.10)
+    extra = int(np.count_nonzero(big)) - int(np.count_nonzero(small))
+    x = rng.standard_normal((1, k), dtype=np.float32)
+    sessions = {}
+    for isa in isas:
+        os.environ["TOOLCHAIN_KERNELS_ISA"] = isa
+        try:
+            sessions[isa] = [session(csr.make_sparse_linear_model(w, None), 1, True) for w in (big, small)]
+        finally:
+            os.environ.pop("TOOLCHAIN_KERNELS_ISA", None)
+
+    def median_run(sess) -> float:
+        for _ in range(20):
+            sess.run(None, {"X": x})
+        ts, end = [], time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            sess.run(None, {"X": x})
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    rates: dict[str, list[float]] = {isa: [] for isa in isas}
+    for _ in range(reps):
+        for isa, (sb, ss) in sessions.items():
+            rates[isa].append((median_run(sb) - median_run(ss)) / extra * 1e9)
+    return {isa: statistics.median(r) for isa, r in rates.items()}
+
+
 def iqr(xs):
     q = np.percentile(xs, [25, 75])
     return q[1] - q[0]
@@ -339,6 +374,17 @@ def sidebyside(args) -> int:
         label = f"fast fp32 CSR [{isa}]"
         ms, cpu = med(label, 1), med(label, 1, 1)
         print(f"| {isa} | {floor:.2f} | {ms:.2f} | {ms / floor:.2f} | {cpu:.2f} | {cpu / floor:.2f} |")
+
+    print("\nBatch-1 fp32 time per kept weight: streamed (the stack above, wall), with the weights in L2 (one "
+          "150 x 9216 layer at 10%, less a 1-row layer's time), and the floor (CSR bytes per kept weight / "
+          "bandwidth).\n")
+    resident = cache_resident_rates(isas)
+    floor_ns = csr_bytes / kept / bw * 1e9
+    print("| ISA path | streamed ns | L2-resident ns | floor ns | L2-resident x floor |")
+    print("|---|---:|---:|---:|---:|")
+    for isa in isas:
+        streamed = med(f"fast fp32 CSR [{isa}]", 1) / kept * 1e6
+        print(f"| {isa} | {streamed:.3f} | {resident[isa]:.3f} | {floor_ns:.3f} | {resident[isa] / floor_ns:.2f} |")
     return 0
 
 
