@@ -8,6 +8,11 @@ variants of one configuration are timed in alternation; prints a markdown table 
 
     python tools/bench_sparse_conv.py [--batches 1 8] [--threads 1] [--min-runs 10] [--budget 0.6]
     python tools/bench_sparse_conv.py --sweep   # break-even density on AlexNet conv3 and LeNet-5 conv2
+    python tools/bench_sparse_conv.py --max-pool 2 --batches 16 64 --layers lenet5.conv1 reuse25 reuse51 reuse102
+
+--max-pool K fuses a KxK max pool with stride K into the SparseConv (attribute max_pool) and follows the
+dense Conv with onnxruntime's MaxPool; the reuseNN layers (5x5 filters on 16x16 inputs at 40% density,
+output-channel reuse M x density = NN) place the images-in-lanes algorithm's break-even with im2col.
 """
 from __future__ import annotations
 
@@ -35,6 +40,11 @@ LAYERS = [
     ("alexnet.conv4", 384, 384, 13, 3, 1, 1, 2, 0.37),
     ("alexnet.conv5", 384, 256, 13, 3, 1, 1, 2, 0.37),
 ]
+REUSE_LAYERS = [
+    ("reuse25", 16, 64, 16, 5, 1, 0, 1, 0.4),
+    ("reuse51", 8, 128, 16, 5, 1, 0, 1, 0.4),
+    ("reuse102", 8, 256, 16, 5, 1, 0, 1, 0.4),
+]
 
 
 def pruned_weight(rng, m, cg, k, density):
@@ -44,10 +54,12 @@ def pruned_weight(rng, m, cg, k, density):
     return np.where(np.abs(w) >= thresh, w, np.float32(0)).astype(np.float32)
 
 
-def dense_conv_model(w, b, stride, pad, group, c, h) -> onnx.ModelProto:
-    node = helper.make_node("Conv", ["X", "W", "B"], ["Y"], kernel_shape=list(w.shape[2:]), strides=[stride] * 2,
-                            pads=[pad] * 4, group=group)
-    graph = helper.make_graph([node], "dense_conv",
+def dense_conv_model(w, b, stride, pad, group, c, h, pool: int = 0) -> onnx.ModelProto:
+    nodes = [helper.make_node("Conv", ["X", "W", "B"], ["C" if pool else "Y"], kernel_shape=list(w.shape[2:]),
+                              strides=[stride] * 2, pads=[pad] * 4, group=group)]
+    if pool:
+        nodes.append(helper.make_node("MaxPool", ["C"], ["Y"], kernel_shape=[pool] * 2, strides=[pool] * 2))
+    graph = helper.make_graph(nodes, "dense_conv",
                               [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", c, h, h])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
                               initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
@@ -128,7 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--min-runs", type=int, default=10)
     p.add_argument("--budget", type=float, default=0.6, help="seconds of timing per configuration (at least)")
-    p.add_argument("--layers", nargs="+", default=[layer[0] for layer in LAYERS])
+    p.add_argument("--layers", nargs="+", default=[layer[0] for layer in LAYERS],
+                   choices=[layer[0] for layer in LAYERS + REUSE_LAYERS])
+    p.add_argument("--max-pool", type=int, default=0, metavar="K", help="fuse a KxK / stride K max pool")
     p.add_argument("--sweep", action="store_true", help="dense Conv vs SparseConv (auto) over densities")
     args = p.parse_args(argv)
     if args.sweep:
@@ -137,20 +151,23 @@ def main(argv=None) -> int:
     kernels.library_path()
     print(f"# SparseConv algorithms: wall ms, median (IQR); {args.threads} intra-op thread(s); onnxruntime "
           f"{ort.__version__}; TOOLCHAIN_KERNELS_ISA={os.environ.get('TOOLCHAIN_KERNELS_ISA', 'auto')}; "
-          f"load average at start {os.getloadavg()[0]:.1f}\n")
+          f"load average at start {os.getloadavg()[0]:.1f}"
+          + (f"; {args.max_pool}x{args.max_pool} max pool fused (dense: Conv + MaxPool)" if args.max_pool else "") + "\n")
     print("fastest sparse and speedup use CPU-time medians with 1 thread (robust to load), else wall medians.\n")
     print("| layer | density | batch | dense Conv | im2col | direct | batch | auto | CPU ms dense / im2col / direct / "
           "batch / auto | fastest sparse | auto speedup |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     rng = np.random.default_rng(0)
-    for name, c, m, h, k, stride, pad, group, density in LAYERS:
+    pool = args.max_pool
+    for name, c, m, h, k, stride, pad, group, density in LAYERS + REUSE_LAYERS:
         if name not in args.layers:
             continue
         w = pruned_weight(rng, m, c // group, k, density)
         b = rng.standard_normal(m, dtype=np.float32) * np.float32(0.01)
         smodel = csr.make_sparse_conv_model(w, b, input_hw=(h, h), strides=(stride, stride), pads=(pad,) * 4,
-                                            group=group, name=name)
-        sessions = {"dense": make_session(dense_conv_model(w, b, stride, pad, group, c, h), args.threads, False),
+                                            group=group, name=name, max_pool=(pool, pool) if pool else None)
+        dmodel = dense_conv_model(w, b, stride, pad, group, c, h, pool)
+        sessions = {"dense": make_session(dmodel, args.threads, False),
                     "im2col": make_session(smodel, args.threads, True, "im2col")}
         if stride == 1:
             sessions["direct"] = make_session(smodel, args.threads, True, "direct")

@@ -40,6 +40,7 @@ constexpr int64_t kMinSubCols = 64;
 constexpr int64_t kLinearRowChunk = 256;  // rows per SparseLinear tile task (partial sums: 64 KiB)
 constexpr int64_t kMaxAttr = 1 << 16;  // bound on conv kernel/stride/pad/dilation (no overflow below)
 constexpr double kDirectMaxReuse = 12.0;  // SparseConv: direct below this output-channel reuse
+constexpr double kBatchPooledMaxReuse = 40.0;  // ... and images in lanes below this one with a fused max pool
 constexpr int64_t kBatchMinN = 16;        // SparseConv: images-in-lanes from this batch size ...
 constexpr int64_t kBatchMaxTileBytes = 1 << 20;  // ... when a lane tile of the padded input fits in L2
 constexpr int64_t kFillerStep = 255;      // packed formats: a delta of 0 (filler) advances 255 columns
@@ -1252,12 +1253,16 @@ class SparseConv {
     // Like direct, it gathers nothing, so it pays where reuse is low (low_reuse); with whole vectors of
     // images every load is aligned and no pad column is computed, so from 16 images it beats direct
     // while a lane tile stays in L2 (docs/kernels.md).
-    return s.N >= kBatchMinN && s.C * Hp * Wp * NT * int64_t(sizeof(float)) <= kBatchMaxTileBytes && low_reuse();
+    // With a fused max pool it pools in the lanes while the others need a pass over the full output, which
+    // moves its break-even with im2col from a reuse of about 12 to about 50 (docs/kernels.md).
+    return s.N >= kBatchMinN && s.C * Hp * Wp * NT * int64_t(sizeof(float)) <= kBatchMaxTileBytes &&
+           reuse() < (ph_ ? kBatchPooledMaxReuse : kDirectMaxReuse);
   }
 
   // Measured (docs/kernels.md): gathering im2col tiles pays off when each gathered element feeds many
   // output channels (Mg * density); with little reuse (LeNet-5 conv2: 6) the gather-free forms win.
-  bool low_reuse() const { return static_cast<double>(rows_ / group_) * density_ < kDirectMaxReuse; }
+  double reuse() const { return static_cast<double>(rows_ / group_) * density_; }
+  bool low_reuse() const { return reuse() < kDirectMaxReuse; }
 
   bool use_direct(const Shape& s) const {
     if (sh_ != 1 || sw_ != 1) return false;  // direct form needs unit stride
