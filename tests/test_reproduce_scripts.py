@@ -58,3 +58,15 @@ def test_denil_dictionary_sizes_reach_the_target_fraction(lenet300_path, lenet5_
             assert set(atoms) == set(layers) and all(a >= 1 for a in atoms.values())
     atoms, _ = dn.dictionary_sizes(import_onnx(lenet300_path), dn.MODELS["lenet-300-100"], 0.9)
     assert atoms == {"ip1": 75, "ip2": 28}  # the table's 90.1% row
+
+
+def test_bench_sparse_conv_runs_with_a_fused_max_pool(capsys):
+    # a smoke run of the benchmark (its own output check against dense Conv + MaxPool included)
+    import bench_sparse_conv as bsc
+
+    assert bsc.main(["--max-pool", "2", "--batches", "1", "16", "--layers", "lenet5.conv2", "reuse25",
+                     "--budget", "0", "--min-runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2x2 max pool fused" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| lenet5.conv2 |", "| reuse25 |"))]
+    assert len(rows) == 4 and all(r.count("|") == 12 for r in rows)
