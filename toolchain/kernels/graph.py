@@ -26,8 +26,8 @@ FAST_OPS = ("LRN",)
 
 
 def to_fast_ops(model: onnx.ModelProto) -> int:
-    """Rewrite the main graph's FAST_OPS nodes to DOMAIN and fuse max pools into SparseConv; returns how
-    many nodes were rewritten."""
+    """Fuse max pools and ReLUs into the layer ops and move the FAST_OPS nodes to DOMAIN, in the main
+    graph, in place; returns how many nodes were rewritten or fused away."""
     count = fuse_max_pools(model)
     count += fuse_relus(model)
     for node in model.graph.node:
@@ -63,41 +63,67 @@ def _fusable_pool(node: onnx.NodeProto) -> list[int] | None:
     return k
 
 
+class _Readers:
+    """The nodes (by index) that read each value of graph g, and g's outputs (which count as read)."""
+
+    def __init__(self, g: onnx.GraphProto):
+        self.g = g
+        self.readers: dict[str, list[int]] = {}
+        for i, n in enumerate(g.node):
+            for name in set(n.input):
+                self.readers.setdefault(name, []).append(i)
+        self.outputs = {o.name for o in g.output}
+
+    def only(self, value: str, op_type: str) -> int | None:
+        """Index of the standard-domain `op_type` node that is the only reader of value, else None."""
+        users = self.readers.get(value, [])
+        if len(users) != 1 or value in self.outputs:
+            return None
+        n = self.g.node[users[0]]
+        return users[0] if n.op_type == op_type and n.domain in ("", "ai.onnx") else None
+
+
+def _fuse(model: onnx.ModelProto, hosts: tuple[str, ...], attr: str, rewrite) -> int:
+    """For every host node (DOMAIN) without `attr`: rewrite(node, readers) fuses what it can into it and
+    returns (indices of the nodes it absorbed, values whose value_info is now wrong), or None; those nodes
+    and value_infos are dropped. Returns how many nodes went."""
+    g = model.graph
+    readers = _Readers(g)
+    dropped: set[int] = set()
+    for n in g.node:
+        if n.op_type in hosts and n.domain == DOMAIN and not any(a.name == attr for a in n.attribute):
+            done = rewrite(n, readers)
+            if done:
+                gone, stale = done
+                dropped |= gone
+                _keep(g.value_info, lambda i, v: v.name not in stale)
+    _keep(g.node, lambda i, n: i not in dropped)
+    return len(dropped)
+
+
 def fuse_max_pools(model: onnx.ModelProto) -> int:
     """SparseConv -> MaxPool and SparseConv -> Relu -> MaxPool chains of the main graph become a SparseConv
     with max_pool = the window (followed by the Relu, which commutes with max), in place; only where no
     value inside the chain has another reader or is a graph output. Returns how many pools were fused."""
     g = model.graph
-    readers: dict[str, list[int]] = {}
-    for i, n in enumerate(g.node):
-        for name in set(n.input):
-            readers.setdefault(name, []).append(i)
-    outputs = {o.name for o in g.output}
 
-    def only_reader(value: str) -> onnx.NodeProto | None:
-        users = readers.get(value, [])
-        return g.node[users[0]] if len(users) == 1 and value not in outputs else None
+    def rewrite(conv, readers):
+        relu = readers.only(conv.output[0], "Relu")
+        mid = g.node[relu].output[0] if relu is not None else conv.output[0]
+        at = readers.only(mid, "MaxPool")
+        window = _fusable_pool(g.node[at]) if at is not None else None
+        if window is None:
+            return None
+        pool = g.node[at]
+        stale = {conv.output[0], mid}  # gone, or (the conv's output before a Relu) of another shape now
+        conv.attribute.append(onnx.helper.make_attribute("max_pool", window))
+        if relu is None:
+            conv.output[0] = pool.output[0]
+        else:  # conv (pooled) -> relu -> what the pool wrote
+            g.node[relu].output[0] = pool.output[0]
+        return {at}, stale
 
-    dropped: set[int] = set()
-    for n in g.node:
-        if n.op_type != "SparseConv" or n.domain != DOMAIN or any(a.name == "max_pool" for a in n.attribute):
-            continue
-        chain = [only_reader(n.output[0])]
-        if chain[0] is not None and chain[0].op_type == "Relu" and chain[0].domain in ("", "ai.onnx"):
-            chain.append(only_reader(chain[0].output[0]))
-        pool = chain[-1]
-        if pool is None or _fusable_pool(pool) is None or len(set(pool.input)) != 1:
-            continue
-        n.attribute.append(onnx.helper.make_attribute("max_pool", _fusable_pool(pool)))
-        stale = {v for c in chain[:-1] for v in c.input} | {pool.input[0]}
-        if len(chain) == 1:
-            n.output[0] = pool.output[0]
-        else:  # conv (pooled) -> relu -> the pool's output
-            chain[0].output[0] = pool.output[0]
-        dropped.add(readers[pool.input[0]][0])
-        _keep(g.value_info, lambda i, v: v.name not in stale)
-    _keep(g.node, lambda i, n: i not in dropped)
-    return len(dropped)
+    return _fuse(model, ("SparseConv",), "max_pool", rewrite)
 
 
 RELU_HOSTS = ("SparseLinear", "SparseConv")
@@ -108,28 +134,17 @@ def fuse_relus(model: onnx.ModelProto) -> int:
     place), where the Relu is the op output's only reader and that output is no graph output. Returns the
     count."""
     g = model.graph
-    readers: dict[str, list[int]] = {}
-    for i, n in enumerate(g.node):
-        for name in set(n.input):
-            readers.setdefault(name, []).append(i)
-    outputs = {o.name for o in g.output}
-    dropped: set[int] = set()
-    for n in g.node:
-        if n.op_type not in RELU_HOSTS or n.domain != DOMAIN or any(a.name == "activation" for a in n.attribute):
-            continue
-        mid = n.output[0]
-        users = readers.get(mid, [])
-        if mid in outputs or len(users) != 1:
-            continue
-        relu = g.node[users[0]]
-        if relu.op_type != "Relu" or relu.domain not in ("", "ai.onnx"):
-            continue
-        n.attribute.append(onnx.helper.make_attribute("activation", "Relu"))
-        n.output[0] = relu.output[0]
-        dropped.add(users[0])
-        _keep(g.value_info, lambda i, v: v.name != mid)
-    _keep(g.node, lambda i, n: i not in dropped)
-    return len(dropped)
+
+    def rewrite(op, readers):
+        at = readers.only(op.output[0], "Relu")
+        if at is None:
+            return None
+        mid = op.output[0]
+        op.attribute.append(onnx.helper.make_attribute("activation", "Relu"))
+        op.output[0] = g.node[at].output[0]
+        return {at}, {mid}
+
+    return _fuse(model, RELU_HOSTS, "activation", rewrite)
 
 
 def _keep(field, pred) -> None:

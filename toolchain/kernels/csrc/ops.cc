@@ -1543,7 +1543,7 @@ class SparseConv {
   int64_t kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1, pt_ = 0, pl_ = 0, pb_ = 0, pr_ = 0;
   int64_t group_ = 1, in_channels_ = 0, rows_ = 0, cols_ = 0;
   int64_t ph_ = 0, pw_ = 0;  // fused max pool window (= strides); 0: none
-  bool relu_ = false;        // fused ReLU (attribute activation), applied before the pool (they commute)
+  bool relu_ = false;        // fused ReLU (attribute activation); it commutes with the max pool
   double density_ = 1.0;
   std::vector<float> bias_;
   BlockedWeights w_;
