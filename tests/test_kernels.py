@@ -370,6 +370,13 @@ def _linear_model(**replace) -> onnx.ModelProto:
     return model
 
 
+def _packed_model() -> onnx.ModelProto:
+    """Valid SparseLinearInt8 'fc' [6, 10] (the linear model's weights)."""
+    from toolchain.methods.quantize import packed
+
+    return packed.make_packed_linear_model(packed.encode_int8(_linear_model_weights()), None)
+
+
 def _conv_model() -> onnx.ModelProto:
     """Valid grouped conv: weight [4, 2, 3, 3], group 2, so X has 4 channels."""
     return csr.make_sparse_conv_model(np.ones((4, 2, 3, 3), np.float32), None, name="conv", group=2)
@@ -435,6 +442,8 @@ def _corrupt_cases():
         "linear_activation": (_set_attr(_linear_model(), "activation", "relu"), x,
                               'activation must be "Relu" or absent, got "relu"'),
         "linear_relu_valid": (_set_attr(_linear_model(), "activation", "Relu"), x, None),
+        "packed_activation": (_set_attr(_packed_model(), "activation", "Tanh"), x,
+                              'activation must be "Relu" or absent, got "Tanh"'),
         "lrn_valid": (lrn_model(size=3), xc, None),
         "lrn_missing_size": (lrn_model(alpha=1e-4), xc, "missing required int attribute 'size'"),
         "lrn_size_zero": (lrn_model(size=0), xc, "size must be in [1, 65536], got 0"),

@@ -3,8 +3,8 @@
 - SparseConv's max pool (attribute max_pool): the same results as the convolution followed by torch's
   max_pool2d, on every ISA path and algorithm of this CPU, every batch size, any thread count; a NaN in
   a window gives NaN; only the MaxPools the output pass computes exactly are fused;
-- SparseLinear's and SparseConv's ReLU (attribute activation="Relu"): bitwise the unfused op followed by
-  onnxruntime's Relu, NaN and -0 included.
+- the layer ops' ReLU (attribute activation="Relu": SparseLinear, the packed linears, SparseConv):
+  bitwise the unfused op followed by onnxruntime's Relu, NaN and -0 included.
 
 Fused files read back as the standard layers. Bad attributes are in test_kernels.py's subprocess cases."""
 from __future__ import annotations
@@ -26,6 +26,7 @@ from toolchain.kernels.graph import fuse_max_pools, fuse_relus, to_fast_ops
 from toolchain.measure import measure
 from toolchain.methods.prune import csr
 from toolchain.methods.prune.layers import masked_from_dense
+from toolchain.methods.quantize import packed
 
 ALGOS = ["im2col", "direct", "batch", None]  # None: the automatic choice
 
@@ -247,15 +248,27 @@ def _assert_bitwise(y: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_array_equal(np.signbit(y), np.signbit(want))  # -0 stays -0, as in onnxruntime's Relu
 
 
+def _linear_model(form: str, w, b, activation=None) -> onnx.ModelProto:
+    if form == "fp32":
+        return csr.make_sparse_linear_model(w, b, activation=activation)
+    p = packed.encode_int8(w) if form == "int8" else packed.encode_codebook(
+        w, np.linspace(-2, 2, 16, dtype=np.float32), 4)
+    model = packed.make_packed_linear_model(p, b)
+    if activation:
+        model.graph.node[0].attribute.append(helper.make_attribute("activation", activation))
+    return model
+
+
+@pytest.mark.parametrize("form", ["fp32", "codebook4", "int8"])
 @pytest.mark.parametrize("isa", ISAS)
-def test_fused_relu_linear_is_stock_relu_of_the_op(lib, isa):
+def test_fused_relu_linear_is_stock_relu_of_the_op(lib, isa, form):
     rng = np.random.default_rng(31)
     w = random_sparse(rng, (37, 300), 0.3, empty_rows=3)
     b = rng.standard_normal(37).astype(np.float32)
     b[:3] = -0.0  # empty rows give -0 + nothing: the sign must survive
-    fused = make_session(csr.make_sparse_linear_model(w, b, activation="Relu"), lib, isa=isa)
-    fused2 = make_session(csr.make_sparse_linear_model(w, b, activation="Relu"), lib, threads=2, isa=isa)
-    plain = make_session(csr.make_sparse_linear_model(w, b), lib, isa=isa)
+    fused = make_session(_linear_model(form, w, b, "Relu"), lib, isa=isa)
+    fused2 = make_session(_linear_model(form, w, b, "Relu"), lib, threads=2, isa=isa)
+    plain = make_session(_linear_model(form, w, b), lib, isa=isa)
     for n in [*range(1, 71), 256]:
         x = rng.standard_normal((n, 300)).astype(np.float32)
         if n % 7 == 0:

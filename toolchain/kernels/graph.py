@@ -7,8 +7,9 @@
   directly or through a Relu (which commutes with max and then runs on the pooled output), takes the
   pool into its output pass (attribute max_pool): the full-size conv output is never written,
   and with images in lanes the pool is a vector max on data in cache (LeNet-5; docs/kernels.md);
-- a Relu that is the only reader of a SparseLinear or SparseConv output runs in that op's output pass
-  (attribute activation="Relu"), saving a node and a pass over the tensor.
+- a Relu that is the only reader of a layer op's output (SparseLinear, SparseConv, the packed
+  SparseLinearCodebook / SparseLinearInt8) runs in that op's output pass (attribute activation="Relu"),
+  saving a node and a pass over the tensor.
 
 `to_fast_ops(model)` does both (in place); a fast-form file read back (`toolchain.load`) turns them into
 the standard layers again.
@@ -126,11 +127,11 @@ def fuse_max_pools(model: onnx.ModelProto) -> int:
     return _fuse(model, ("SparseConv",), "max_pool", rewrite)
 
 
-RELU_HOSTS = ("SparseLinear", "SparseConv")
+RELU_HOSTS = ("SparseLinear", "SparseConv", "SparseLinearCodebook", "SparseLinearInt8")
 
 
 def fuse_relus(model: onnx.ModelProto) -> int:
-    """SparseLinear / SparseConv -> Relu pairs of the main graph become the op with activation="Relu" (in
+    """Layer op (RELU_HOSTS) -> Relu pairs of the main graph become the op with activation="Relu" (in
     place), where the Relu is the op output's only reader and that output is no graph output. Returns the
     count."""
     g = model.graph

@@ -791,6 +791,7 @@ class PackedLinear {
     NodeInfo n{info, op, node_name(info)};
     where_ = n.where();
     kernels_ = select_kernels();
+    relu_ = read_activation(n);
     if (!get_int_attr(n, "in_features", &in_features_)) n.fail("missing required int attribute 'in_features'");
     if (in_features_ < 1 || in_features_ > INT32_MAX)
       n.fail(format("in_features must be in [1, 2^31), got %lld", (long long)in_features_));
@@ -822,9 +823,10 @@ class PackedLinear {
       parallel_for(ctx, ceil_div(M, mc), [&](size_t t) {
         const int64_t m0 = t * mc, m1 = std::min(M, m0 + mc);
         kt->spmv_packed(view_, m0, m1, io.x, bias, io.y);
+        if (relu_) relu_inplace(io.y + m0, m1 - m0);
       });
     } else {
-      linear_batched(ctx, kt, decoded(), M, in_features_, io, bias, pool_, false);
+      linear_batched(ctx, kt, decoded(), M, in_features_, io, bias, pool_, relu_);
     }
     restore_nonfinite_linear(kt, view_, io.x, io.y, io.N, in_features_, M);
   }
@@ -1019,6 +1021,7 @@ class PackedLinear {
   std::string where_;
   const KernelTable* kernels_ = nullptr;
   int kind_ = kCodebook4;
+  bool relu_ = false;  // fused ReLU (attribute activation)
   int64_t in_features_ = 0, rows_ = 0, nblocks_ = 1, block_cols_ = 1;
   std::vector<int32_t> rp_;
   std::vector<int64_t> start_;
