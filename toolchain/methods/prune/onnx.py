@@ -31,7 +31,7 @@ from .sparse_format import encode, validate_csr
 # measured break-even (SparseLinear ~70-80%, SparseConv ~60% on AlexNet conv3's 384 filters:
 # docs/kernels.md). Small filter banks (<= SMALL_CONV_FILTERS per group) give onnxruntime's dense Conv
 # little to block over and cost it two NCHWc reorders in a network: SparseConv is still ahead at 80%
-# on LeNet-5 conv2's 50 filters and on a par at 61% on conv1's 20 (ahead in the whole network).
+# on LeNet-5 conv2's 50 filters and on a par at 61-66% on conv1's 20 (ahead in the whole network).
 FAST_MAX_DENSITY = {"linear": 0.6, "conv": 0.5, "small conv": 0.7}
 SMALL_CONV_FILTERS = 64
 METADATA_KEY = "ai.toolchain.pruned"  # JSON list of the pruned layers' names
