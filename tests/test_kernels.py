@@ -237,6 +237,26 @@ def test_isa_env_switches_kernels(lib):
         np.testing.assert_array_equal(auto, out[ISAS[-1]])  # auto takes the widest path the CPU has
 
 
+def test_huge_page_placement_changes_no_result(lib, monkeypatch):
+    # weights of more than 1 MiB go on 2 MiB-aligned, madvise(MADV_HUGEPAGE) memory unless
+    # TOOLCHAIN_KERNELS_HUGEPAGES=0: the same numbers either way, batch 1 and batched, fp32 and packed
+    from toolchain.methods.quantize import packed
+
+    rng = np.random.default_rng(21)
+    w = random_sparse(rng, (700, 4096), 0.1)  # 287k non-zeros: 1.1 MiB of values
+    b = rng.standard_normal(700).astype(np.float32)
+    models = [csr.make_sparse_linear_model(w, b), packed.make_packed_linear_model(packed.encode_int8(w), b)]
+    xs = [rng.standard_normal((n, 4096)).astype(np.float32) for n in (1, 33)]
+    for model in models:
+        outs = {}
+        for setting in ("1", "0"):
+            monkeypatch.setenv("TOOLCHAIN_KERNELS_HUGEPAGES", setting)
+            sess = make_session(model, lib)
+            outs[setting] = [sess.run(None, {"X": x})[0] for x in xs]
+        for a, c in zip(outs["1"], outs["0"]):
+            np.testing.assert_array_equal(a, c)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_deterministic_across_runs_and_threads(lib, isa):
     rng = np.random.default_rng(8)
@@ -419,6 +439,7 @@ def _corrupt_cases():
         "not_constant": (_as_graph_input(_linear_model(), "fc.values"), x, "must be a constant initializer"),
         "x_features": (_symbolic_input(_linear_model()), np.ones((2, 9), np.float32), "in_features is 10"),
         "isa_env": (_linear_model(), x, "TOOLCHAIN_KERNELS_ISA=sse9 is not one of auto, avx512, avx2, portable"),
+        "hugepages_env": (_linear_model(), x, "TOOLCHAIN_KERNELS_HUGEPAGES=yes is not 0 or 1"),
         "conv_col_range": (_replace(_conv_model(), "conv.col_idx", np.r_[np.zeros(71), 18].astype(np.uint16)), xc,
                            "out of range"),
         "conv_valid": (_conv_model(), xc, None),  # control: a valid grouped model runs
@@ -492,6 +513,8 @@ def _run_corrupt_cases(lib_path: str) -> dict:
     for name, (model, x, _) in _corrupt_cases().items():
         if name == "isa_env":
             os.environ["TOOLCHAIN_KERNELS_ISA"] = "sse9"
+        if name == "hugepages_env":
+            os.environ["TOOLCHAIN_KERNELS_HUGEPAGES"] = "yes"
         try:
             so = ort.SessionOptions()
             so.log_severity_level = 4
@@ -503,6 +526,7 @@ def _run_corrupt_cases(lib_path: str) -> dict:
             results[name] = f"{type(e).__name__}: {e}"
         finally:
             os.environ.pop("TOOLCHAIN_KERNELS_ISA", None)
+            os.environ.pop("TOOLCHAIN_KERNELS_HUGEPAGES", None)
     return results
 
 
@@ -524,7 +548,7 @@ def test_corrupted_model_gives_clear_error(corrupt_results, name):
     assert expected in got, got
     assert len(got.splitlines()) == 1 and "Traceback" not in got
     if name not in ("row_ptr_dtype",):  # ORT's own type check names the input, not our node
-        assert "node '" in got or "TOOLCHAIN_KERNELS_ISA" in got, got
+        assert "node '" in got or "TOOLCHAIN_KERNELS_" in got, got
 
 
 # ------------------------------------------------------------------------------------------------

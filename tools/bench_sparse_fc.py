@@ -10,7 +10,8 @@ this machine's measured read bandwidth).
     python tools/bench_sparse_fc.py --sweep [--runs 20]   # break-even density, one 4096x4096 layer
     python tools/bench_sparse_fc.py --deepsparse ~/ds [--reps 5]   # side by side with DeepSparse 1.8
 
---deepsparse DS_VENV: the fc stack at 90% sparsity in the fp32 fast form (every ISA path at batch 1), the
+--deepsparse DS_VENV: the fc stack at 90% sparsity in the fp32 fast form (every ISA path at batch 1, and the
+default one with the weights on 4 KiB pages: TOOLCHAIN_KERNELS_HUGEPAGES=0), the
 packed fast forms (4-bit codebook, int8), stock onnxruntime on the dense-with-zeros weights, and DeepSparse
 (the venv set up as /work/shared/peers/README.md says) on the same weights -- for a packed format, its
 dequantized weights as a dense fp32 model with the zeros kept. Every timing runs in its own process, interleaved
@@ -287,8 +288,12 @@ def sidebyside(args) -> int:
 
     isas = ["portable", "avx2", "avx512"]
     # label, backend, model, weights, ISA, batches
+    # label, backend, model, weights, environment of the timing process, batches
     configs = [("onnxruntime dense Gemm", "ort", "fp32_dense", "fp32", None, args.batches)]
-    configs += [(f"fast fp32 CSR [{isa}]", "ort", "fp32_fast", "fp32", isa, [1]) for isa in isas]
+    configs += [(f"fast fp32 CSR [{isa}]", "ort", "fp32_fast", "fp32", {"TOOLCHAIN_KERNELS_ISA": isa}, [1])
+                for isa in isas]
+    configs += [("fast fp32 CSR [auto, 4 KiB pages]", "ort", "fp32_fast", "fp32", {"TOOLCHAIN_KERNELS_HUGEPAGES": "0"},
+                 [1])]
     configs += [("fast fp32 CSR [auto]", "ort", "fp32_fast", "fp32", None, [b for b in args.batches if b != 1]),
                 ("fast codebook 4-bit [auto]", "ort", "cb4_fast", "cb4", None, args.batches),
                 ("fast int8 [auto]", "ort", "int8_fast", "int8", None, args.batches),
@@ -308,13 +313,13 @@ def sidebyside(args) -> int:
     errs: dict[tuple[str, int], float] = {}
     for rep in range(args.reps):
         for batch in args.batches:
-            for label, backend, model, wkey, isa, batches in configs:
+            for label, backend, model, wkey, extra_env, batches in configs:
                 if batch not in batches:
                     continue
                 env = dict(os.environ)
                 env.pop("TOOLCHAIN_KERNELS_ISA", None)
-                if isa:
-                    env["TOOLCHAIN_KERNELS_ISA"] = isa
+                env.pop("TOOLCHAIN_KERNELS_HUGEPAGES", None)
+                env.update(extra_env or {})
                 out = work / f"out_{abs(hash(label))}_{batch}.npy"
                 cmd = [str(ds_python) if backend == "ds" else sys.executable, str(ENGINE_TIMING), backend,
                        str(files[model]), str(batch), "--shape", str(LAYERS[0][1]), "--normal",
@@ -346,7 +351,7 @@ def sidebyside(args) -> int:
           "| vs DeepSparse fp32 (wall) | max rel. output error |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for batch in args.batches:
-        for label, backend, model, wkey, isa, batches in configs:
+        for label, backend, model, wkey, _, batches in configs:
             if batch not in batches:
                 continue
             ms, cpu = med(label, batch), med(label, batch, 1)
@@ -370,7 +375,7 @@ def sidebyside(args) -> int:
     floor = csr_bytes / bw * 1e3
     print("| ISA path | floor ms | wall ms | x floor | CPU ms | CPU x floor |")
     print("|---|---:|---:|---:|---:|---:|")
-    for isa in isas:
+    for isa in [*isas, "auto, 4 KiB pages"]:  # the last: TOOLCHAIN_KERNELS_HUGEPAGES=0
         label = f"fast fp32 CSR [{isa}]"
         ms, cpu = med(label, 1), med(label, 1, 1)
         print(f"| {isa} | {floor:.2f} | {ms:.2f} | {ms / floor:.2f} | {cpu:.2f} | {cpu / floor:.2f} |")

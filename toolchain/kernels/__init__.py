@@ -11,7 +11,8 @@ toolchain/methods/quantize/packed.py (the packed layouts' encoders, reference de
 
 The ops live in domain DOMAIN, version OPSET_VERSION (defined here, once). See docs/kernels.md.
 Environment: TOOLCHAIN_KERNELS_ISA=auto|avx512|avx2|portable picks the kernels (read when a session is
-created); TOOLCHAIN_KERNELS_CONV=auto|im2col|direct|batch forces a SparseConv algorithm.
+created); TOOLCHAIN_KERNELS_CONV=auto|im2col|direct|batch forces a SparseConv algorithm;
+TOOLCHAIN_KERNELS_HUGEPAGES=0 keeps the repacked weights off transparent huge pages (default 1).
 """
 from __future__ import annotations
 
