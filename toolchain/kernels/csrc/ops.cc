@@ -96,8 +96,9 @@ OrtStatus* guarded(F&& f) noexcept {
 
 // Allocator of the repacked weight arrays. One of 1 MiB or more is placed on 2 MiB boundaries and the
 // kernel is asked to back it with transparent huge pages (madvise; a hint, ignored where they are off).
-// Batch 1 streams every weight once per call: with 4 KiB pages, the AlexNet fc stack ran 16-22 % slower
-// from DRAM in a development run (Zen 4; hardware prefetchers stop at each 4 KiB page).
+// Batch 1 streams every weight once per call, and hardware prefetchers stop at each 4 KiB page: on 4 KiB
+// pages the AlexNet fc stack took 2.47 ms against 2.20-2.27 ms (Zen 4, tools/bench_sparse_fc.py
+// --deepsparse, docs/kernels.md).
 // TOOLCHAIN_KERNELS_HUGEPAGES=0 turns the hint off (read with TOOLCHAIN_KERNELS_ISA when an op is created).
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kHugeMinBytes = size_t(1) << 20;
