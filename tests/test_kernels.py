@@ -402,6 +402,21 @@ def _conv_model() -> onnx.ModelProto:
     return csr.make_sparse_conv_model(np.ones((4, 2, 3, 3), np.float32), None, name="conv", group=2)
 
 
+def export_and_run_both_forms(net, tmp_path, example, x: np.ndarray):
+    """Export `net` in the portable and the fast form (toolchain.export) and run both on x in onnxruntime:
+    (portable path, fast path, input name, portable output, fast output)."""
+    import toolchain
+
+    portable, fast = tmp_path / "p.onnx", tmp_path / "f.onnx"
+    toolchain.export(net, portable, example_input=example)
+    toolchain.export(net, fast, form="fast", example_input=example)
+    ref = ort.InferenceSession(str(portable), providers=["CPUExecutionProvider"])
+    name = ref.get_inputs()[0].name
+    got = ort.InferenceSession(str(fast), kernels.session_options(1), providers=["CPUExecutionProvider"]).run(
+        None, {name: x})[0]
+    return portable, fast, name, ref.run(None, {name: x})[0], got
+
+
 def lrn_model(domain: str = kernels.DOMAIN, **attrs) -> onnx.ModelProto:
     """One LRN node with these attributes: the library's (domain ai.toolchain) or, with domain "", ONNX's."""
     node = helper.make_node("LRN", ["X"], ["Y"], domain=domain, **attrs)

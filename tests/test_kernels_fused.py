@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 
 import toolchain
-from test_kernels import (ISAS, _dense_conv, _poison, assert_close, make_session, random_sparse,
-                          torch_conv)
+from test_kernels import (ISAS, _dense_conv, _poison, assert_close, export_and_run_both_forms, make_session,
+                          random_sparse, torch_conv)
 from toolchain import kernels
 from toolchain.kernels.graph import fuse_max_pools, fuse_relus, to_fast_ops
 from toolchain.measure import measure
@@ -192,19 +192,12 @@ def _lenet_like() -> nn.Module:
 
 
 def test_fast_form_fuses_pools_and_reads_back_as_standard_layers(lib, tmp_path):
-    net = _lenet_like()
-    portable, fast, example = tmp_path / "p.onnx", tmp_path / "f.onnx", torch.zeros(1, 1, 16, 16)
-    toolchain.export(net, portable, example_input=example)
-    toolchain.export(net, fast, form="fast", example_input=example)
+    net, example = _lenet_like(), torch.zeros(1, 1, 16, 16)
+    x = np.random.default_rng(4).standard_normal((20, 1, 16, 16)).astype(np.float32)
+    portable, fast, name, want, got = export_and_run_both_forms(net, tmp_path, example, x)
     nodes = onnx.load(fast).graph.node
     assert not [n for n in nodes if n.op_type in ("MaxPool", "Relu")]
     assert [len([a for a in n.attribute if a.name == "max_pool"]) for n in nodes if n.op_type == "SparseConv"] == [1, 1]
-    x = np.random.default_rng(4).standard_normal((20, 1, 16, 16)).astype(np.float32)
-    ref = ort.InferenceSession(str(portable), providers=["CPUExecutionProvider"])
-    name = ref.get_inputs()[0].name
-    want = ref.run(None, {name: x})[0]
-    got = ort.InferenceSession(str(fast), kernels.session_options(1), providers=["CPUExecutionProvider"]).run(
-        None, {name: x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # same layers, MACs and non-zeros as the portable form
     (fs, ft), (ps, pt) = measure(fast), measure(portable)

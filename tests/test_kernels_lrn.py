@@ -14,7 +14,7 @@ from onnx import helper
 
 import toolchain
 from converters.ops.layers import LocalResponseNorm
-from test_kernels import ISAS, lrn_model, make_session
+from test_kernels import ISAS, export_and_run_both_forms, lrn_model, make_session
 from toolchain import kernels
 from toolchain.kernels.graph import to_fast_ops
 
@@ -122,18 +122,11 @@ def test_fast_form_runs_lrn_in_the_library(lib, tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.LocalResponseNorm(5, alpha=1e-2, beta=0.75, k=2.0),
                         nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
-    portable, fast, example = tmp_path / "p.onnx", tmp_path / "f.onnx", torch.zeros(1, 3, 8, 8)
-    toolchain.export(net, portable, example_input=example)
-    toolchain.export(net, fast, form="fast", example_input=example)
+    x = np.random.default_rng(4).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    portable, fast, _, want, got = export_and_run_both_forms(net, tmp_path, torch.zeros(1, 3, 8, 8), x)
     lrn = [n for n in onnx.load(fast).graph.node if n.op_type == "LRN"]
     assert [n.domain for n in lrn] == [kernels.DOMAIN]
     assert [n.domain for n in onnx.load(portable).graph.node if n.op_type == "LRN"] == [""]
-    x = np.random.default_rng(4).standard_normal((5, 3, 8, 8)).astype(np.float32)
-    ref = ort.InferenceSession(str(portable), providers=["CPUExecutionProvider"])
-    name = ref.get_inputs()[0].name
-    want = ref.run(None, {name: x})[0]
-    got = ort.InferenceSession(str(fast), kernels.session_options(1), providers=["CPUExecutionProvider"]).run(
-        None, {name: x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # read back, the fast form's LRN is the standard layer again
     back = toolchain.load(fast)

@@ -251,13 +251,11 @@ def _output_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[
 
 def _conv_output_shape(node: onnx.NodeProto, x_shape) -> tuple[int, ...]:
     """[N, M, OH, OW] of a (Sparse)Conv node with input shape x_shape, before any fused pool."""
+    from .methods.prune.csr import conv_output_hw
+
     a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
-    kh, kw = a["kernel_shape"]
-    sh, sw = a.get("strides", [1, 1])
-    dh, dw = a.get("dilations", [1, 1])
-    pt, pl, pb, pr = a.get("pads", [0, 0, 0, 0])
-    oh = (x_shape[2] + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (x_shape[3] + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = conv_output_hw(x_shape[2:], a["kernel_shape"], a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]),
+                            a.get("dilations", [1, 1]))
     return (x_shape[0], -1, oh, ow)
 
 

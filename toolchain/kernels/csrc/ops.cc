@@ -20,6 +20,7 @@
 #include <cstdarg>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -1227,8 +1228,9 @@ class SparseConv {
       return;
     }
     // Unfused: the convolution (into a scratch buffer when pooled), its non-finite repair, the pool.
-    PooledBuf conv_buf(conv_out_pool_);  // its own pool: sharing pool_ would swap buffer sizes every call
-    float* yc = pooled ? conv_buf.buf.get(static_cast<size_t>(N * M * OH * OW)) : y;
+    std::optional<PooledBuf> conv_buf;  // its own pool: sharing pool_ would swap buffer sizes every call
+    float* yc = y;
+    if (pooled) yc = conv_buf.emplace(conv_out_pool_).buf.get(static_cast<size_t>(N * M * OH * OW));
     if (use_batch(s))
       compute_batch(ctx, xp, s, yc, /*pooled=*/false);
     else if (use_direct(s))

@@ -184,6 +184,14 @@ def make_sparse_linear_model(weight: np.ndarray, bias: np.ndarray | None = None,
     return _model(node, tensors, [batch, k], [batch, m], "sparse_linear")
 
 
+def conv_output_hw(hw: Sequence[int], kernel: Sequence[int], strides=(1, 1), pads=(0, 0, 0, 0),
+                   dilations=(1, 1)) -> tuple[int, int]:
+    """(OH, OW) of an ONNX Conv / SparseConv on an input of spatial size hw (pads [top, left, bottom,
+    right]), before any fused max pool."""
+    return tuple((hw[i] + pads[i] + pads[i + 2] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+                 for i in range(2))
+
+
 def make_sparse_conv_model(weight: np.ndarray, bias: np.ndarray | None = None, *, input_hw=("H", "W"),
                            strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
                            index_dtype=None, batch: int | str = "N", name: str = "conv",
@@ -195,8 +203,7 @@ def make_sparse_conv_model(weight: np.ndarray, bias: np.ndarray | None = None, *
     m, cg, kh, kw = np.shape(weight)
     h, w = input_hw
     if isinstance(h, int) and isinstance(w, int):
-        oh = (h + pads[0] + pads[2] - dilations[0] * (kh - 1) - 1) // strides[0] + 1
-        ow = (w + pads[1] + pads[3] - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+        oh, ow = conv_output_hw((h, w), (kh, kw), strides, pads, dilations)
         y_shape = [batch, m, oh // max_pool[0], ow // max_pool[1]] if max_pool else [batch, m, oh, ow]
     else:
         y_shape = [batch, m, "OH", "OW"]
@@ -205,5 +212,5 @@ def make_sparse_conv_model(weight: np.ndarray, bias: np.ndarray | None = None, *
 
 __all__ = [
     "DOMAIN", "OPSET_VERSION", "index_dtype_for", "dense_to_csr", "csr_to_dense", "sparse_linear_node",
-    "sparse_conv_node", "opset_imports", "make_sparse_linear_model", "make_sparse_conv_model",
+    "sparse_conv_node", "conv_output_hw", "opset_imports", "make_sparse_linear_model", "make_sparse_conv_model",
 ]
