@@ -305,7 +305,7 @@ def sidebyside(args) -> int:
     print(f"- CPU: {_cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; DeepSparse from "
           f"{args.deepsparse}; 1 thread; load average at start {os.getloadavg()[0]:.1f}")
     bw = memory_bandwidth(int(args.bw_gib * 1024), 7)
-    print(f"- measured read bandwidth (numpy sum over {args.bw_gib:g} GiB, median of 7): {bw / 1e9:.1f} GB/s")
+    print(f"- measured read bandwidth (fastest of three numpy read passes over {args.bw_gib:g} GiB, median of 7 each): {bw / 1e9:.1f} GB/s")
     print(f"- {args.reps} interleaved repetitions, each timing in its own process ({args.budget:g} s of runs, median); "
           "table: median over repetitions; CPU = the timing thread's CPU time (DeepSparse: its process's)\n")
 
@@ -421,7 +421,7 @@ def main(argv=None) -> int:
           f"load average at start {os.getloadavg()[0]:.1f}\n")
 
     bw = memory_bandwidth(int(args.bw_gib * 1024), 7)
-    print(f"- measured read bandwidth (numpy sum over {args.bw_gib:g} GiB, median of 7): {bw / 1e9:.1f} GB/s\n")
+    print(f"- measured read bandwidth (fastest of three numpy read passes over {args.bw_gib:g} GiB, median of 7 each): {bw / 1e9:.1f} GB/s\n")
 
     base = make_weights()
     rng = np.random.default_rng(1)
