@@ -70,3 +70,21 @@ def test_bench_sparse_conv_runs_with_a_fused_max_pool(capsys):
     assert "2x2 max pool fused" in out
     rows = [line for line in out.splitlines() if line.startswith(("| lenet5.conv2 |", "| reuse25 |"))]
     assert len(rows) == 4 and all(r.count("|") == 12 for r in rows)
+
+
+def test_spmv_floor_probe_runs_and_checks_its_product(capsys):
+    # a smoke run of the floor probe (it compiles C++ and returns 1 if its product disagrees with float64)
+    import shutil
+
+    import spmv_floor_probe as probe
+
+    if not (shutil.which("g++") or shutil.which("c++")) or not {"avx2", "fma"} <= probe.cpu_flags():
+        import pytest
+
+        pytest.skip("needs a C++ compiler and an AVX2 + FMA CPU")
+    assert probe.main(["--runs", "1", "--rows", "64", "--bw-mib", "64"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| probe")]
+    assert [r.split("|")[1].strip() for r in rows] == list(probe.PROBES)
+    assert all(float(r.split("|")[5]) > 0 for r in rows)  # x floor
+    assert rows[-1].split("|")[5].strip() == "1.00"  # one_stream is the floor
