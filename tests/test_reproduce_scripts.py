@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
@@ -79,8 +80,6 @@ def test_spmv_floor_probe_runs_and_checks_its_product(capsys):
     import spmv_floor_probe as probe
 
     if not (shutil.which("g++") or shutil.which("c++")) or not {"avx2", "fma"} <= probe.cpu_flags():
-        import pytest
-
         pytest.skip("needs a C++ compiler and an AVX2 + FMA CPU")
     assert probe.main(["--runs", "1", "--rows", "64", "--bw-mib", "64"]) == 0
     out = capsys.readouterr().out
