@@ -70,6 +70,9 @@ def make_session(model, threads, sparse, algo=None):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # The sessions' runs alternate: a worker left spinning after one session's run would take a CPU from
+    # the next session's run (on 2 cores, 2-thread runs measured slower than 1-thread ones, dense Gemm too).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if sparse:
         kernels.register(so)
     old = os.environ.get("TOOLCHAIN_KERNELS_CONV")
