@@ -1,13 +1,13 @@
 // Probe: why the fp32 batch-1 sparse kernel stays above the bandwidth floor on this CPU.
 //
-// Built (with -mavx2 -mfma; main checks the CPU first) and run by tools/spmv_floor_probe.py. It times loops over the layout of the fp32
-// fast form (column blocks of 2048, row-major segments, uint16 column offsets, fp32 values, on 2 MiB
-// huge pages) of AlexNet's fc stack at 10 % density. Only the first loop computes the product; the
-// others are timing probes that read the same value and index streams but do less per non-zero, to
-// show which part of the work keeps a kernel from streaming at the memory's read rate.
+// Built with -mavx2 -mfma (main checks the CPU first) and run by tools/spmv_floor_probe.py. It times loops
+// over the layout of the fp32 fast form (column blocks of 2048, row-major segments, uint16 column offsets,
+// fp32 values, on 2 MiB huge pages) of AlexNet's fc stack at 10 % density. Only the first two loops compute
+// the product; the others are timing probes that read the same value and index streams but do less per
+// non-zero, to show which part of the work keeps a kernel from streaming at the memory's read rate.
 //
 //   probe_gather      the product: each x value loaded by index (scalar loads into 4-lane vectors,
-//                     the shape of the library's batch-1 kernel), 2.25 loads per non-zero
+//                     the shape of the library's AVX2 batch-1 kernel), 2.25 loads per non-zero
 //   probe_idx64       the same product, indices read 4 at a time as 64-bit words (1.5 loads / non-zero)
 //   probe_half        x loaded for every other non-zero only (1.25 loads / non-zero; wrong result)
 //   probe_fixed       one x load per non-zero at addresses that do not depend on the index (1.25 loads)
@@ -169,8 +169,9 @@ void probe_fixed(const Csr& w, const float* x, float* y) {
     const float* q = xb + (j & 1023);
     const __m256 g = _mm256_setr_ps(q[0], q[3], q[7], q[11], q[13], q[17], q[19], q[23]);
     const __m256 h = _mm256_setr_ps(q[29], q[31], q[37], q[41], q[43], q[47], q[53], q[59]);
-    const __m256 s0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + j), _mm256_add_ps(g, idx8(ix + j)), _mm256_setzero_ps());
-    const __m256 s1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + j + 8), _mm256_add_ps(h, idx8(ix + j + 8)), _mm256_setzero_ps());
+    const __m256 z = _mm256_setzero_ps();
+    const __m256 s0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + j), _mm256_add_ps(g, idx8(ix + j)), z);
+    const __m256 s1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + j + 8), _mm256_add_ps(h, idx8(ix + j + 8)), z);
     a[0] = _mm_add_ps(a[0], _mm256_castps256_ps128(s0));
     a[1] = _mm_add_ps(a[1], _mm256_extractf128_ps(s0, 1));
     a[2] = _mm_add_ps(a[2], _mm256_castps256_ps128(s1));
@@ -269,7 +270,7 @@ double median(std::vector<double> t) {
 
 int main(int argc, char** argv) {
   if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
-    fprintf(stderr, "this probe needs and FMA\n");
+    fprintf(stderr, "this probe needs AVX2 and FMA\n");
     return 2;
   }
   const int rows = argc > 1 ? atoi(argv[1]) : 4096, runs = argc > 2 ? atoi(argv[2]) : 30;

@@ -25,7 +25,8 @@ SOURCE = Path(__file__).resolve().parent / "spmv_floor_probe.cc"
 
 # name -> (what it does per 16 kept weights, memory loads per kept weight)
 PROBES = {
-    "gather": ("the product: 16 x values loaded by index into 4-lane vectors (the shape of the library's AVX2 loop)", 2.25),
+    "gather": ("the product: 16 x values loaded by index into 4-lane vectors (the shape of the library's AVX2 loop)",
+               2.25),
     "idx64": ("the product, indices read as 64-bit words and split with shifts", 1.5),
     "half": ("8 x values loaded by index, each used twice (wrong result)", 1.25),
     "fixed": ("16 x values loaded at addresses that do not depend on the indices", 1.25),
