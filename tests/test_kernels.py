@@ -50,15 +50,17 @@ def lib() -> Path:
 
 
 def make_session(model: onnx.ModelProto, lib: Path, threads: int = 1, isa: str | None = None,
-                 conv: str | None = None) -> ort.InferenceSession:
-    """Session with the ops registered; isa/conv set TOOLCHAIN_KERNELS_ISA/CONV while kernels are created."""
+                 conv: str | None = None, linear: str | None = None) -> ort.InferenceSession:
+    """Session with the ops registered; isa/conv/linear set TOOLCHAIN_KERNELS_ISA/CONV/LINEAR while kernels
+    are created."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     so.register_custom_ops_library(str(lib))
-    saved = {k: os.environ.get(k) for k in ("TOOLCHAIN_KERNELS_ISA", "TOOLCHAIN_KERNELS_CONV")}
+    env = {"TOOLCHAIN_KERNELS_ISA": isa, "TOOLCHAIN_KERNELS_CONV": conv, "TOOLCHAIN_KERNELS_LINEAR": linear}
+    saved = {k: os.environ.get(k) for k in env}
     try:
-        for key, val in (("TOOLCHAIN_KERNELS_ISA", isa), ("TOOLCHAIN_KERNELS_CONV", conv)):
+        for key, val in env.items():
             if val is None:
                 os.environ.pop(key, None)
             else:
@@ -266,7 +268,7 @@ def test_deterministic_across_runs_and_threads(lib, isa):
     wc = random_sparse(rng, (40, 12, 3, 3), 0.4)
     cmodel = csr.make_sparse_conv_model(wc, None, pads=(1, 1, 1, 1), group=2)
     xc = rng.standard_normal((2, 24, 19, 17)).astype(np.float32)
-    for n in (1, 64, 100):
+    for n in (1, 3, 64, 100):  # 3: one batch-1 product per row of X
         x = rng.standard_normal((n, 2100)).astype(np.float32)
         outs = []
         for threads in (1, 2, 3):
@@ -455,6 +457,7 @@ def _corrupt_cases():
         "x_features": (_symbolic_input(_linear_model()), np.ones((2, 9), np.float32), "in_features is 10"),
         "isa_env": (_linear_model(), x, "TOOLCHAIN_KERNELS_ISA=sse9 is not one of auto, avx512, avx2, portable"),
         "hugepages_env": (_linear_model(), x, "TOOLCHAIN_KERNELS_HUGEPAGES=yes is not 0 or 1"),
+        "linear_env": (_linear_model(), x, "TOOLCHAIN_KERNELS_LINEAR=rows is not one of auto, rowwise, tile"),
         "conv_col_range": (_replace(_conv_model(), "conv.col_idx", np.r_[np.zeros(71), 18].astype(np.uint16)), xc,
                            "out of range"),
         "conv_valid": (_conv_model(), xc, None),  # control: a valid grouped model runs
@@ -530,6 +533,8 @@ def _run_corrupt_cases(lib_path: str) -> dict:
             os.environ["TOOLCHAIN_KERNELS_ISA"] = "sse9"
         if name == "hugepages_env":
             os.environ["TOOLCHAIN_KERNELS_HUGEPAGES"] = "yes"
+        if name == "linear_env":
+            os.environ["TOOLCHAIN_KERNELS_LINEAR"] = "rows"
         try:
             so = ort.SessionOptions()
             so.log_severity_level = 4
@@ -542,6 +547,7 @@ def _run_corrupt_cases(lib_path: str) -> dict:
         finally:
             os.environ.pop("TOOLCHAIN_KERNELS_ISA", None)
             os.environ.pop("TOOLCHAIN_KERNELS_HUGEPAGES", None)
+            os.environ.pop("TOOLCHAIN_KERNELS_LINEAR", None)
     return results
 
 
@@ -674,7 +680,7 @@ def test_linear_forms_follow_dense_on_nonfinite_inputs(lib, isa, form):
             w, rng.standard_normal(16 if form == "codebook4" else 256).astype(np.float32), 4 if form == "codebook4" else 8)
         model, wd = packed.make_packed_linear_model(p, b), packed.decode(p)
     sess = make_session(model, lib, isa=isa)
-    for n in (1, 5, 70):
+    for n in (1, 3, 5, 70):  # 1 and 3: batch-1 products per row of X; 5, 70: tile products
         x = rng.standard_normal((n, 300)).astype(np.float32)
         _poison(x, rng, 1 + n // 3)
         x[0, 7] = np.nan  # column 7: every output of row 0 becomes NaN

@@ -144,6 +144,31 @@ def test_packed_every_batch_size_1_to_70(lib, isa):
             assert_close(sess.run(None, {"X": x[:n]})[0], ref[:n])
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("linear", ["auto", "rowwise", "tile"])
+def test_linear_batch_paths(lib, isa, linear):
+    """TOOLCHAIN_KERNELS_LINEAR: `rowwise` runs every batch as batch-1 products (each row of Y then equals the
+    batch-1 output bitwise), `tile` runs batches >= 2 as tile products, `auto` takes batch-1 products up to
+    batch 3. All of them match the float64 reference, fp32 and packed."""
+    rng = np.random.default_rng(21)
+    w = random_sparse(rng, (29, 1301), 0.15, empty_rows=3)
+    b = rng.standard_normal(29).astype(np.float32)
+    x = rng.standard_normal((70, 1301)).astype(np.float32)
+    models = {"fp32": (csr.make_sparse_linear_model(w, b), w)}
+    for fmt in ("codebook4", "int8"):
+        p = encode(fmt, w, rng)
+        models[fmt] = (packed.make_packed_linear_model(p, b), packed.decode(p))
+    for name, (model, wd) in models.items():
+        sess = make_session(model, lib, isa=isa, linear=linear)
+        ref = x.astype(np.float64) @ wd.astype(np.float64).T + b
+        single = np.concatenate([sess.run(None, {"X": x[i:i + 1]})[0] for i in range(5)])
+        for n in (1, 2, 3, 4, 5, 9, 70):
+            y = sess.run(None, {"X": x[:n]})[0]
+            assert_close(y, ref[:n])
+            if linear == "rowwise" or (linear == "auto" and n <= 3):
+                np.testing.assert_array_equal(y[:5], single[:n], err_msg=f"{name} batch {n}")
+
+
 def test_packed_wide_rows_many_fillers(lib):
     """K > 65536 (block-relative indices) and long gaps (filler runs) on every path."""
     rng = np.random.default_rng(7)

@@ -42,6 +42,9 @@ constexpr int64_t kBlockCols = 2048;   // column block: the batch-1 x block (8 K
 constexpr double kSubBlockNnz = 20;    // target non-zeros per (row, sub-block) segment for tile products
 constexpr int64_t kMinSubCols = 64;
 constexpr int64_t kLinearRowChunk = 256;  // rows per SparseLinear tile task (partial sums: 64 KiB)
+// Linear ops run batches up to this size as one batch-1 product per row of X: a tile product costs about
+// the same for 2 to 16 rows, more than two batch-1 products at 2 rows (docs/kernels.md).
+constexpr int64_t kRowwiseMaxBatch = 3;
 constexpr int64_t kMaxAttr = 1 << 16;  // bound on conv kernel/stride/pad/dilation (no overflow below)
 constexpr double kDirectMaxReuse = 12.0;  // SparseConv: direct below this output-channel reuse
 constexpr double kBatchPooledMaxReuse = 40.0;  // ... and images in lanes below this one with a fused max pool
@@ -680,6 +683,18 @@ void restore_nonfinite_linear(const KernelTable* kt, const Weights& w, const flo
 // ---------------------------------------------------------------------------------------------
 // Linear ops: shared input/output handling and the batched (tile) path.
 
+// TOOLCHAIN_KERNELS_LINEAR=auto|rowwise|tile, read when a linear op is created: the largest batch run as
+// one batch-1 product per row of X (auto: kRowwiseMaxBatch; rowwise: every batch; tile: batch 1 only).
+int64_t rowwise_max_batch_from_env() {
+  const char* env = getenv("TOOLCHAIN_KERNELS_LINEAR");
+  std::string a = env ? env : "";
+  if (a.empty() || a == "auto") return kRowwiseMaxBatch;
+  if (a == "rowwise") return std::numeric_limits<int64_t>::max();
+  if (a == "tile") return 1;
+  throw OpError(ORT_INVALID_ARGUMENT,
+                format("TOOLCHAIN_KERNELS_LINEAR=%s is not one of auto, rowwise, tile", a.c_str()));
+}
+
 struct LinearIo {
   const float* x = nullptr;
   float* y = nullptr;
@@ -772,6 +787,7 @@ class SparseLinear {
     NodeInfo n{info, "SparseLinear", node_name(info)};
     where_ = n.where();
     kernels_ = select_kernels();
+    rowwise_max_ = rowwise_max_batch_from_env();
     if (!get_int_attr(n, "in_features", &in_features_)) n.fail("missing required int attribute 'in_features'");
     if (in_features_ < 1) n.fail(format("in_features must be >= 1, got %lld", (long long)in_features_));
     relu_ = read_activation(n);
@@ -787,16 +803,17 @@ class SparseLinear {
     if (io.N == 0) return;
     const float* bias = bias_.empty() ? nullptr : bias_.data();
     const KernelTable* kt = kernels_;
-    const int64_t M = rows_;
-    if (io.N == 1) {
+    const int64_t M = rows_, K = in_features_;
+    if (io.N <= rowwise_max_) {
       const BlockedCsr& w = w_.row_major();
-      const int64_t mc = chunk_rows(M, 16, 64, 512);
-      parallel_for(ctx, ceil_div(M, mc), [&](size_t t) {
-        const int64_t m0 = t * mc, m1 = std::min(M, m0 + mc);
-        kt->spmv(w, m0, m1, io.x, bias, io.y);
-        if (relu_) relu_inplace(io.y + m0, m1 - m0);
+      const int64_t mc = chunk_rows(M, 16, 64, 512), chunks = ceil_div(M, mc);
+      parallel_for(ctx, io.N * chunks, [&](size_t t) {
+        const int64_t n = t / chunks, m0 = (t % chunks) * mc, m1 = std::min(M, m0 + mc);
+        float* yn = io.y + n * M;
+        kt->spmv(w, m0, m1, io.x + n * K, bias, yn);
+        if (relu_) relu_inplace(yn + m0, m1 - m0);
       });
-      restore_nonfinite_linear(kt, w, io.x, io.y, 1, in_features_, M);
+      restore_nonfinite_linear(kt, w, io.x, io.y, io.N, K, M);
       return;
     }
     const BlockedCsr& w = w_.sub_major();
@@ -809,6 +826,7 @@ class SparseLinear {
   const KernelTable* kernels_ = nullptr;
   int64_t in_features_ = 0;
   int64_t rows_ = 0;
+  int64_t rowwise_max_ = kRowwiseMaxBatch;  // batches up to this size: one batch-1 product per row of X
   bool relu_ = false;  // fused ReLU (attribute activation)
   std::vector<float> bias_;
   BlockedWeights w_;
@@ -839,6 +857,7 @@ class PackedLinear {
     NodeInfo n{info, op, node_name(info)};
     where_ = n.where();
     kernels_ = select_kernels();
+    rowwise_max_ = rowwise_max_batch_from_env();
     relu_ = read_activation(n);
     if (!get_int_attr(n, "in_features", &in_features_)) n.fail("missing required int attribute 'in_features'");
     if (in_features_ < 1 || in_features_ > INT32_MAX)
@@ -865,13 +884,14 @@ class PackedLinear {
     if (io.N == 0) return;
     const float* bias = bias_.empty() ? nullptr : bias_.data();
     const KernelTable* kt = kernels_;
-    const int64_t M = rows_;
-    if (io.N == 1) {
-      const int64_t mc = chunk_rows(M, 16, 64, 512);
-      parallel_for(ctx, ceil_div(M, mc), [&](size_t t) {
-        const int64_t m0 = t * mc, m1 = std::min(M, m0 + mc);
-        kt->spmv_packed(view_, m0, m1, io.x, bias, io.y);
-        if (relu_) relu_inplace(io.y + m0, m1 - m0);
+    const int64_t M = rows_, K = in_features_;
+    if (io.N <= rowwise_max_) {
+      const int64_t mc = chunk_rows(M, 16, 64, 512), chunks = ceil_div(M, mc);
+      parallel_for(ctx, io.N * chunks, [&](size_t t) {
+        const int64_t n = t / chunks, m0 = (t % chunks) * mc, m1 = std::min(M, m0 + mc);
+        float* yn = io.y + n * M;
+        kt->spmv_packed(view_, m0, m1, io.x + n * K, bias, yn);
+        if (relu_) relu_inplace(yn + m0, m1 - m0);
       });
     } else {
       linear_batched(ctx, kt, decoded(), M, in_features_, io, bias, pool_, relu_);
@@ -1071,6 +1091,7 @@ class PackedLinear {
   int kind_ = kCodebook4;
   bool relu_ = false;  // fused ReLU (attribute activation)
   int64_t in_features_ = 0, rows_ = 0, nblocks_ = 1, block_cols_ = 1;
+  int64_t rowwise_max_ = kRowwiseMaxBatch;  // batches up to this size: one batch-1 product per row of X
   std::vector<int32_t> rp_;
   WeightVec<int64_t> start_;
   WeightVec<int32_t> len_;
