@@ -87,3 +87,14 @@ def test_spmv_floor_probe_runs_and_checks_its_product(capsys):
     assert [r.split("|")[1].strip() for r in rows] == list(probe.PROBES)
     assert all(float(r.split("|")[5]) > 0 for r in rows)  # x floor
     assert rows[-1].split("|")[5].strip() == "1.00"  # one_stream is the floor
+
+
+def test_bench_sparse_fc_linear_paths_reports_which_path_auto_takes(capsys):
+    # a smoke run of the small-batch comparison: the default runs batch 2 row by row and batch 4 as a tile
+    import bench_sparse_fc as bsf
+
+    assert bsf.main(["--linear-paths", "--batches", "2", "4", "--runs", "1", "--warmup", "0"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| fp32 |", "| cb4 |", "| int8 |"))]
+    assert [(r[0].strip(), r[1].strip(), r[5].strip()) for r in rows] == [
+        (form, batch, path) for form in ("fp32", "cb4", "int8") for batch, path in (("2", "rowwise"), ("4", "tile"))]

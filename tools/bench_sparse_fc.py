@@ -9,6 +9,7 @@ this machine's measured read bandwidth).
     python tools/bench_sparse_fc.py [--runs 50] [--threads 1 2] [--batches 1 64]
     python tools/bench_sparse_fc.py --sweep [--runs 20]   # break-even density, one 4096x4096 layer
     python tools/bench_sparse_fc.py --deepsparse ~/ds [--reps 5]   # side by side with DeepSparse 1.8
+    python tools/bench_sparse_fc.py --linear-paths --batches 1 2 3 4 8 [--runs 40]   # small-batch paths
 
 --deepsparse DS_VENV: the fc stack at 90% sparsity in the fp32 fast form (every ISA path at batch 1, and the
 default one with the weights on 4 KiB pages: TOOLCHAIN_KERNELS_HUGEPAGES=0), the
@@ -396,6 +397,56 @@ def sidebyside(args) -> int:
     return 0
 
 
+def linear_paths(args) -> int:
+    """Small batches: the tile product against one batch-1 product per row of X (TOOLCHAIN_KERNELS_LINEAR=tile
+    / rowwise), fp32 and packed fast forms of the fc stack at 90 % sparsity, 1 thread, runs interleaved."""
+    base = make_weights()
+    fp32 = {name: (magnitude_prune(w, 0.10), b) for name, (w, b) in base.items()}
+    forms = {"fp32": sparse_model(fp32)}
+    for fmt in ("cb4", "int8"):
+        forms[fmt] = packed_model(packed_layers(fp32, fmt), fp32)
+    rng = np.random.default_rng(2)
+    print("# Small batches: tile product vs one batch-1 product per row (AlexNet fc6-fc8, 90% sparse)\n")
+    print(f"- CPU: {_cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; 1 thread; "
+          f"{args.runs} interleaved runs, medians; load average at start {os.getloadavg()[0]:.1f}\n")
+    print("| form | batch | tile ms | rowwise ms | rowwise speed-up | auto takes |")
+    print("|---|---:|---:|---:|---:|---|")
+    for form, model in forms.items():
+        sessions = {}
+        for path in ("tile", "rowwise", "auto"):
+            os.environ["TOOLCHAIN_KERNELS_LINEAR"] = path
+            try:
+                sessions[path] = session(model, 1, True)
+            finally:
+                os.environ.pop("TOOLCHAIN_KERNELS_LINEAR", None)
+        auto_sess = sessions.pop("auto")
+        for n in args.batches:
+            x = rng.standard_normal((n, LAYERS[0][1]), dtype=np.float32)
+            feed = {"X": x}
+            ref = sessions["tile"].run(None, feed)[0]
+            got = sessions["rowwise"].run(None, feed)[0]
+            err = np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)
+            if err > 1e-4:
+                print(f"ERROR: the two paths differ by {err:.2e} (relative) at batch {n}", file=sys.stderr)
+                return 1
+            ts = {path: [] for path in sessions}
+            for _ in range(args.warmup):
+                for sess in sessions.values():
+                    sess.run(None, feed)
+            for _ in range(args.runs):
+                for path, sess in sessions.items():
+                    t0 = time.perf_counter()
+                    sess.run(None, feed)
+                    ts[path].append((time.perf_counter() - t0) * 1e3)
+            mt, mr = statistics.median(ts["tile"]), statistics.median(ts["rowwise"])
+            # which path the default takes: the one whose output it reproduces bit for bit
+            y_auto = auto_sess.run(None, feed)[0]
+            auto = ("rowwise" if np.array_equal(y_auto, got) else "tile" if np.array_equal(y_auto, ref)
+                    else "neither (bitwise)")
+            print(f"| {form} | {n} | {mt:.2f} | {mr:.2f} | {mt / mr:.2f}x | {auto} |", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=50, help="timed runs per configuration (default 50)")
@@ -409,6 +460,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5, help="--deepsparse: interleaved repetitions (default 5)")
     p.add_argument("--budget", type=float, default=2.0, help="--deepsparse: seconds of runs per timing (default 2)")
     p.add_argument("--work", default="/tmp/bench-sbs", help="--deepsparse: folder for the model files")
+    p.add_argument("--linear-paths", action="store_true",
+                   help="small batches: tile product vs one batch-1 product per row (use with --batches 1 2 3 4 8)")
     args = p.parse_args(argv)
 
     kernels.library_path()  # build before timing
@@ -416,6 +469,8 @@ def main(argv=None) -> int:
         return sweep(args)
     if args.deepsparse:
         return sidebyside(args)
+    if args.linear_paths:
+        return linear_paths(args)
     isa = os.environ.get("TOOLCHAIN_KERNELS_ISA", "auto")
     print(f"# SparseLinear vs dense Gemm: AlexNet fc6-fc8\n")
     print(f"- CPU: {_cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; "
