@@ -12,7 +12,9 @@ toolchain/methods/quantize/packed.py (the packed layouts' encoders, reference de
 The ops live in domain DOMAIN, version OPSET_VERSION (defined here, once). See docs/kernels.md.
 Environment: TOOLCHAIN_KERNELS_ISA=auto|avx512|avx2|portable picks the kernels (read when a session is
 created); TOOLCHAIN_KERNELS_CONV=auto|im2col|direct|batch forces a SparseConv algorithm;
-TOOLCHAIN_KERNELS_HUGEPAGES=0 keeps the repacked weights off transparent huge pages (default 1).
+TOOLCHAIN_KERNELS_LINEAR=auto|rowwise|tile forces the linear ops' small-batch path (auto: batches of 2 and 3
+run one batch-1 product per row of X); TOOLCHAIN_KERNELS_HUGEPAGES=0 keeps the repacked weights off
+transparent huge pages (default 1).
 """
 from __future__ import annotations
 
