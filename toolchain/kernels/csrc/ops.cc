@@ -768,6 +768,19 @@ void linear_batched(OrtKernelContext* ctx, const KernelTable* kt, const BlockedC
   });
 }
 
+// Y [N, M] as one batch-1 product per row of X: spmv(m0, m1, x_n, y_n) computes rows [m0, m1) of y_n from
+// x_n. Tasks are (row of X, chunk of rows of W).
+template <class Spmv>
+void linear_rowwise(OrtKernelContext* ctx, const LinearIo& io, int64_t M, int64_t K, bool relu, const Spmv& spmv) {
+  const int64_t mc = chunk_rows(M, 16, 64, 512), chunks = ceil_div(M, mc);
+  parallel_for(ctx, io.N * chunks, [&](size_t t) {
+    const int64_t n = t / chunks, m0 = (t % chunks) * mc, m1 = std::min(M, m0 + mc);
+    float* yn = io.y + n * M;
+    spmv(m0, m1, io.x + n * K, yn);
+    if (relu) relu_inplace(yn + m0, m1 - m0);
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // SparseLinear: Y[..., M] = X[..., K] W^T + bias.
 
@@ -806,12 +819,8 @@ class SparseLinear {
     const int64_t M = rows_, K = in_features_;
     if (io.N <= rowwise_max_) {
       const BlockedCsr& w = w_.row_major();
-      const int64_t mc = chunk_rows(M, 16, 64, 512), chunks = ceil_div(M, mc);
-      parallel_for(ctx, io.N * chunks, [&](size_t t) {
-        const int64_t n = t / chunks, m0 = (t % chunks) * mc, m1 = std::min(M, m0 + mc);
-        float* yn = io.y + n * M;
-        kt->spmv(w, m0, m1, io.x + n * K, bias, yn);
-        if (relu_) relu_inplace(yn + m0, m1 - m0);
+      linear_rowwise(ctx, io, M, K, relu_, [&](int64_t m0, int64_t m1, const float* xn, float* yn) {
+        kt->spmv(w, m0, m1, xn, bias, yn);
       });
       restore_nonfinite_linear(kt, w, io.x, io.y, io.N, K, M);
       return;
@@ -886,12 +895,8 @@ class PackedLinear {
     const KernelTable* kt = kernels_;
     const int64_t M = rows_, K = in_features_;
     if (io.N <= rowwise_max_) {
-      const int64_t mc = chunk_rows(M, 16, 64, 512), chunks = ceil_div(M, mc);
-      parallel_for(ctx, io.N * chunks, [&](size_t t) {
-        const int64_t n = t / chunks, m0 = (t % chunks) * mc, m1 = std::min(M, m0 + mc);
-        float* yn = io.y + n * M;
-        kt->spmv_packed(view_, m0, m1, io.x + n * K, bias, yn);
-        if (relu_) relu_inplace(yn + m0, m1 - m0);
+      linear_rowwise(ctx, io, M, K, relu_, [&](int64_t m0, int64_t m1, const float* xn, float* yn) {
+        kt->spmv_packed(view_, m0, m1, xn, bias, yn);
       });
     } else {
       linear_batched(ctx, kt, decoded(), M, in_features_, io, bias, pool_, relu_);
