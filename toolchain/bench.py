@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,6 +19,28 @@ from .kernels import DOMAIN
 from .runtime import make_session, run
 
 MAX_THREADS_PER_CORE = 4  # more threads than this per core only makes onnxruntime spin (100,000 hangs it)
+
+
+def _cpuinfo(key: str) -> str | None:
+    """The value of the first /proc/cpuinfo line that starts with `key`; None without one (or off Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name, printed beside every speed figure."""
+    name = _cpuinfo("model name")
+    return name if name is not None else (platform.processor() or "unknown CPU")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (avx2, fma, avx512f, ...); empty where /proc/cpuinfo is missing."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def check_threads(threads: list[int], cpus: int | None = None) -> list[int]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from toolchain import kernels  # noqa: E402
-from toolchain.bench import memory_bandwidth  # noqa: E402
+from toolchain.bench import cpu_name, memory_bandwidth  # noqa: E402
 from toolchain.methods.prune import csr
 from toolchain.methods.quantize import packed  # noqa: E402
 DENSITIES = {
@@ -306,7 +305,7 @@ def sidebyside(args) -> int:
                 ("DeepSparse int8 dequantized", "ds", "int8_dense", "int8", None, args.batches)]
 
     print("# AlexNet fc6-fc8 (9216-4096-4096-1000) at 90% sparsity: side by side with DeepSparse\n")
-    print(f"- CPU: {_cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; DeepSparse from "
+    print(f"- CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; DeepSparse from "
           f"{args.deepsparse}; 1 thread; load average at start {os.getloadavg()[0]:.1f}")
     bw = memory_bandwidth(int(args.bw_gib * 1024), 7)
     print(f"- measured read bandwidth (fastest of three numpy read passes over {args.bw_gib:g} GiB, median of 7 each): {bw / 1e9:.1f} GB/s")
@@ -407,7 +406,7 @@ def linear_paths(args) -> int:
         forms[fmt] = packed_model(packed_layers(fp32, fmt), fp32)
     rng = np.random.default_rng(2)
     print("# Small batches: tile product vs one batch-1 product per row (AlexNet fc6-fc8, 90% sparse)\n")
-    print(f"- CPU: {_cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; 1 thread; "
+    print(f"- CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; 1 thread; "
           f"{args.runs} interleaved runs, medians; load average at start {os.getloadavg()[0]:.1f}\n")
     print("| form | batch | tile ms | rowwise ms | rowwise speed-up | auto takes |")
     print("|---|---:|---:|---:|---:|---|")
@@ -473,7 +472,7 @@ def main(argv=None) -> int:
         return linear_paths(args)
     isa = os.environ.get("TOOLCHAIN_KERNELS_ISA", "auto")
     print(f"# SparseLinear vs dense Gemm: AlexNet fc6-fc8\n")
-    print(f"- CPU: {_cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; "
+    print(f"- CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; "
           f"TOOLCHAIN_KERNELS_ISA={isa}")
     print(f"- {args.runs} timed runs after {args.warmup} warm-up runs; times in ms, median (IQR); "
           f"load average at start {os.getloadavg()[0]:.1f}\n")
@@ -521,17 +520,6 @@ def main(argv=None) -> int:
             print(f"| {cfg} | {nbytes / 1e6:.1f} MB | {floor_ms:.2f} | {threads} | {ms:.2f} | {ms / floor_ms:.2f} "
                   f"| {cpu_cols} |")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

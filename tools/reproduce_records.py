@@ -16,13 +16,12 @@ records: remaking those first is `python tools/reproduce_pruning.py`).
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
 
 import toolchain
-from toolchain.bench import time_model
+from toolchain.bench import cpu_name, time_model
 from toolchain.cli import main as toolchain_main
 from toolchain.data import load_mnist
 from toolchain.zoo import get_model_spec
@@ -61,16 +60,6 @@ RECORDS = [
      "lenet-5-channels.onnx", "channels.toml", "lenet-5.onnx"),
 ]
 REMADE = {"lenet-300-100-pruned-record", "lenet-5-pruned-record", "lenet-5-channels"}  # what this script runs
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:

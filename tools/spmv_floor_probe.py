@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from toolchain.bench import cpu_flags, cpu_name
+
 SOURCE = Path(__file__).resolve().parent / "spmv_floor_probe.cc"
 
 # name -> (what it does per 16 kept weights, memory loads per kept weight)
@@ -35,26 +37,6 @@ PROBES = {
     "two_streams": ("the value and index arrays read in one loop, no row segments (32-byte loads)", 0.19),
     "one_stream": ("one sequential read of a buffer of the same size (32-byte loads)", 0.19),
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def build(workdir: Path) -> Path:

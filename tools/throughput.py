@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import toolchain  # noqa: E402
+from toolchain import bench  # noqa: E402
 from toolchain import distributed as dist_  # noqa: E402
 
 TABLE4 = {"conv1": 0.84, "conv2": 0.38, "conv3": 0.35, "conv4": 0.37, "conv5": 0.37, "fc6": 0.09, "fc7": 0.09,
@@ -47,16 +47,7 @@ SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "
 
 def cpu_name() -> str:
     """The CPU's model name and the SIMD features that matter here (from /proc/cpuinfo)."""
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    name, flags = bench.cpu_name(), bench.cpu_flags()
     have = [f.upper() for f in SIMD_FLAGS if f in flags]
     return f"{name} ({' '.join(have)})" if have else name
 
