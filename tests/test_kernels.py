@@ -692,6 +692,23 @@ def test_linear_forms_follow_dense_on_nonfinite_inputs(lib, isa, form):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k", [34, 37, 4101])
+def test_batch1_padding_lanes_ignore_x(lib, isa, k):
+    # The batch-1 layout pads each row's last chunk of 8 entries with value 0 and column offset 0 (kernels.h):
+    # those lanes must not multiply x at the block's first column. With every weight stored and positive and
+    # every input +Inf or -Inf, each output is +-Inf; a padding lane that read x would make it NaN. K = 34, 37
+    # and 4101 (three blocks of 1367 columns) leave 2, 5 and 7 real entries in the last chunks.
+    rng = np.random.default_rng(71)
+    w = rng.uniform(0.5, 1.5, (21, k)).astype(np.float32)
+    sess = make_session(csr.make_sparse_linear_model(w, None), lib, isa=isa)
+    for n in (1, 2, 3):  # all batch-1 products (one per row of X)
+        x = np.where(rng.random((n, k)) < 0.5, np.inf, -np.inf).astype(np.float32)
+        x[:, 1:] = x[:, :1]  # one sign per row of X: the sum is that infinity
+        y = sess.run(None, {"X": x})[0]
+        np.testing.assert_array_equal(y, np.repeat(x[:, :1], 21, axis=1))
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_nonfinite_scan_sees_every_position(lib, isa):
     # only column 0 is stored, so an Inf or NaN elsewhere reaches the outputs through the scan alone
     # (KernelTable::all_finite: vector blocks of 64 / 16 / 8 values, a masked or scalar tail)

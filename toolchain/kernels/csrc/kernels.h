@@ -17,6 +17,16 @@ namespace tcops {
 //   row-major  (row_stride = nsub, sub_stride = 1): a row's whole block is contiguous (batch-1 SpMV);
 //   sub-major  (row_stride = 1, sub_stride = rows): a sub-block is contiguous over rows (tile
 //              products walk one sub-block at a time, so the dense tile rows they touch stay in L1).
+//
+// Row-major stores for batch 1 keep their entries in chunks instead of idx/val (both null): the n entries
+// of row r in block b (its sub-blocks in order; n from seg_ptr) fill ceil(n / kChunk) consecutive chunks
+// from chunk_ptr[b*rows + r], chunk c at chunks + c * kChunkBytes holding kChunk fp32 values, then their
+// kChunk uint16 column offsets. The last chunk of a row is padded with entries of value 0 and offset 0,
+// which the kernels mask out. ops.cc lays the chunks out in the order its batch-1 tasks read them, so the
+// weights are one interleaved sequential stream instead of two arrays walked block by block.
+constexpr int kChunk = 8;
+constexpr int kChunkBytes = kChunk * 6;
+
 struct BlockedCsr {
   int64_t rows;
   int64_t cols;
@@ -29,6 +39,8 @@ struct BlockedCsr {
   const int32_t* seg_ptr;  // nblocks * rows * nsub + 1 absolute offsets
   const uint16_t* idx;
   const float* val;
+  const int32_t* chunk_ptr = nullptr;  // batch-1 chunks (see above): first chunk of each (block, row)
+  const uint8_t* chunks = nullptr;
 };
 
 // CSR whose column entries are precomputed element offsets (direct convolution).
@@ -69,7 +81,8 @@ constexpr int kMaxTile = 8 * kMaxTileVecs;
 struct KernelTable {
   const char* name;
 
-  // y[m] = bias[m] + sum_k W[m,k] x[k] for m in [m0, m1). bias may be null. w must be row-major.
+  // y[m] = bias[m] + sum_k W[m,k] x[k] for m in [m0, m1). bias may be null. w must be a row-major store
+  // in batch-1 chunks.
   void (*spmv)(const BlockedCsr& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y);
 
   // Tile product: xt is a dense [w.cols, 8*nv] row-major tile (one row per column of W, one

@@ -22,37 +22,63 @@ inline __m256 gather8(const float* xb, const uint16_t* ix) {
   return _mm256_setr_ps(xb[ix[0]], xb[ix[1]], xb[ix[2]], xb[ix[3]], xb[ix[4]], xb[ix[5]], xb[ix[6]], xb[ix[7]]);
 }
 
-// Four x values by index (scalar loads into one xmm: three inserts per four values, fewer shuffles per
-// value than the eight-lane build).
-inline __m128 gather4(const float* xb, const uint16_t* ix) {
-  return _mm_setr_ps(xb[ix[0]], xb[ix[1]], xb[ix[2]], xb[ix[3]]);
+// Four x values by the four uint16 offsets at ip (scalar loads into one xmm: fewer shuffles per value than
+// the eight-lane build). The offsets are read as one 64-bit word and split into 32-bit halves: one load
+// for four offsets instead of four.
+inline __m128 gather4w(const float* xb, const uint8_t* ip) {
+  uint64_t w;
+  memcpy(&w, ip, 8);
+  const uint32_t lo = static_cast<uint32_t>(w), hi = static_cast<uint32_t>(w >> 32);
+  const __m128 a = _mm_insert_ps(_mm_load_ss(xb + (lo & 0xffff)), _mm_load_ss(xb + (lo >> 16)), 0x10);
+  const __m128 b = _mm_insert_ps(_mm_load_ss(xb + (hi & 0xffff)), _mm_load_ss(xb + (hi >> 16)), 0x10);
+  return _mm_movelh_ps(a, b);
 }
 
-// Batch 1: CSR SpMV over row-major blocks, four independent 4-lane accumulators. Batch 1 is bound by
-// the gathers of x, not by the FMA width: on Zen 4 this was on a par with the 8-lane build (within the
-// host's noise) and faster than the AVX-512 file's 16-lane build (docs/kernels.md), so both tables use it.
+// Lane masks of a row's last chunk: lanes [0, r) of loadu(kLaneMask + 8 - r) are set, r in 1..8.
+alignas(64) const int32_t kLaneMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+// Batch 1 over the interleaved chunks of a row-major store (kernels.h): x gathered with scalar loads
+// into 4-lane vectors, four independent accumulators (two per chunk, chunks in pairs). Batch 1 is bound
+// by the loads, not by the FMA width: on Zen 4 the 8- and 16-lane builds were no faster, so the AVX-512
+// table uses this one too. A row's last chunk is masked: its padding lanes multiply 0 by 0, whatever x is.
 void spmv(const BlockedCsr& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y) {
   const int64_t M = w.rows, S = w.nsub;
-  const float* val = w.val;
-  const uint16_t* idx = w.idx;
   for (int64_t b = 0; b < w.nblocks; ++b) {
     const int32_t* sp = w.seg_ptr + b * M * S;
+    const int32_t* cp = w.chunk_ptr + b * M;
     const float* xb = x + b * w.block_cols;
     for (int64_t m = m0; m < m1; ++m) {
       __m128 a0 = _mm_setzero_ps(), a1 = _mm_setzero_ps(), a2 = _mm_setzero_ps(), a3 = _mm_setzero_ps();
-      int64_t j = sp[m * S];
-      const int64_t e = sp[(m + 1) * S];
-      for (; j + 16 <= e; j += 16) {
-        a0 = _mm_fmadd_ps(_mm_loadu_ps(val + j), gather4(xb, idx + j), a0);
-        a1 = _mm_fmadd_ps(_mm_loadu_ps(val + j + 4), gather4(xb, idx + j + 4), a1);
-        a2 = _mm_fmadd_ps(_mm_loadu_ps(val + j + 8), gather4(xb, idx + j + 8), a2);
-        a3 = _mm_fmadd_ps(_mm_loadu_ps(val + j + 12), gather4(xb, idx + j + 12), a3);
+      const int64_t n = sp[(m + 1) * S] - sp[m * S];
+      if (n > 0) {
+        const uint8_t* p = w.chunks + static_cast<int64_t>(cp[m]) * kChunkBytes;
+        const int64_t full = (n - 1) / kChunk;  // chunks before the last one
+        const uint8_t* last = p + full * kChunkBytes;
+        // lanes 0-3 of chunk c into lo, lanes 4-7 into hi
+        auto chunk = [xb](const uint8_t* c, __m128& lo, __m128& hi) {
+          const float* v = reinterpret_cast<const float*>(c);
+          lo = _mm_fmadd_ps(_mm_loadu_ps(v), gather4w(xb, c + 4 * kChunk), lo);
+          hi = _mm_fmadd_ps(_mm_loadu_ps(v + 4), gather4w(xb, c + 4 * kChunk + 8), hi);
+        };
+        for (; p + kChunkBytes < last; p += 2 * kChunkBytes) {
+          chunk(p, a0, a1);
+          chunk(p + kChunkBytes, a2, a3);
+        }
+        if (p < last) {
+          chunk(p, a0, a1);
+          p += kChunkBytes;
+        }
+        // the last chunk, lanes past its r real entries cleared in x
+        const int64_t r = n - full * kChunk;  // 1..8
+        const __m128 k0 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kLaneMask + 8 - r)));
+        const __m128 k1 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kLaneMask + 12 - r)));
+        const float* v = reinterpret_cast<const float*>(p);
+        a2 = _mm_fmadd_ps(_mm_loadu_ps(v), _mm_and_ps(gather4w(xb, p + 4 * kChunk), k0), a2);
+        a3 = _mm_fmadd_ps(_mm_loadu_ps(v + 4), _mm_and_ps(gather4w(xb, p + 4 * kChunk + 8), k1), a3);
       }
-      for (; j + 4 <= e; j += 4) a0 = _mm_fmadd_ps(_mm_loadu_ps(val + j), gather4(xb, idx + j), a0);
       __m128 a = _mm_add_ps(_mm_add_ps(a0, a1), _mm_add_ps(a2, a3));
       a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-      float s = _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
-      for (; j < e; ++j) s += val[j] * xb[idx[j]];
+      const float s = _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
       const float init = b == 0 ? (bias ? bias[m] : 0.f) : y[m];
       y[m] = init + s;
     }

@@ -9,49 +9,58 @@ namespace {
 
 // Four-lane vectors (GCC/Clang vector extension: SSE2 on x86-64, NEON on ARM, scalar elsewhere).
 typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
 
-// Batch 1: x gathered four at a time into a vector, four vector accumulators.
+// Four x values by the four uint16 column offsets at ip (chunk bytes, read with memcpy).
+inline v4f gather4(const float* xb, const uint8_t* ip) {
+  uint16_t i[4];
+  memcpy(i, ip, sizeof(i));
+  const v4f g = {xb[i[0]], xb[i[1]], xb[i[2]], xb[i[3]]};
+  return g;
+}
+
+inline v4f load4(const uint8_t* p) {
+  v4f v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Batch 1 over the interleaved chunks of a row-major store (kernels.h): x gathered four at a time into a
+// vector, four vector accumulators (two per chunk, chunks in pairs), a row's last chunk masked.
 void spmv(const BlockedCsr& w, int64_t m0, int64_t m1, const float* x, const float* bias, float* y) {
   const int64_t M = w.rows, S = w.nsub;
-  const float* val = w.val;
-  const uint16_t* idx = w.idx;
+  constexpr int kIdx = 4 * kChunk;  // offset of a chunk's column offsets
   for (int64_t b = 0; b < w.nblocks; ++b) {
     const int32_t* sp = w.seg_ptr + b * M * S;
+    const int32_t* cp = w.chunk_ptr + b * M;
     const float* xb = x + b * w.block_cols;
     for (int64_t m = m0; m < m1; ++m) {
       v4f a0 = {0.f, 0.f, 0.f, 0.f}, a1 = a0, a2 = a0, a3 = a0;
-      int64_t j = sp[m * S];
-      const int64_t e = sp[(m + 1) * S];
-      for (; j + 16 <= e; j += 16) {
-        v4f v0, v1, v2, v3;
-        memcpy(&v0, val + j, sizeof(v0));
-        memcpy(&v1, val + j + 4, sizeof(v1));
-        memcpy(&v2, val + j + 8, sizeof(v2));
-        memcpy(&v3, val + j + 12, sizeof(v3));
-        const uint16_t* ix = idx + j;
-        const v4f x0 = {xb[ix[0]], xb[ix[1]], xb[ix[2]], xb[ix[3]]};
-        const v4f x1 = {xb[ix[4]], xb[ix[5]], xb[ix[6]], xb[ix[7]]};
-        const v4f x2 = {xb[ix[8]], xb[ix[9]], xb[ix[10]], xb[ix[11]]};
-        const v4f x3 = {xb[ix[12]], xb[ix[13]], xb[ix[14]], xb[ix[15]]};
-        a0 += v0 * x0;
-        a1 += v1 * x1;
-        a2 += v2 * x2;
-        a3 += v3 * x3;
+      const int64_t n = sp[(m + 1) * S] - sp[m * S];
+      if (n > 0) {
+        const uint8_t* p = w.chunks + static_cast<int64_t>(cp[m]) * kChunkBytes;
+        const int64_t full = (n - 1) / kChunk;  // chunks before the last one
+        const uint8_t* last = p + full * kChunkBytes;
+        for (; p + kChunkBytes < last; p += 2 * kChunkBytes) {
+          a0 += load4(p) * gather4(xb, p + kIdx);
+          a1 += load4(p + 16) * gather4(xb, p + kIdx + 8);
+          a2 += load4(p + kChunkBytes) * gather4(xb, p + kChunkBytes + kIdx);
+          a3 += load4(p + kChunkBytes + 16) * gather4(xb, p + kChunkBytes + kIdx + 8);
+        }
+        if (p < last) {
+          a0 += load4(p) * gather4(xb, p + kIdx);
+          a1 += load4(p + 16) * gather4(xb, p + kIdx + 8);
+          p += kChunkBytes;
+        }
+        // The last chunk: lanes past its r real entries are cleared in x, so padding adds 0 * 0.
+        const int32_t r = static_cast<int32_t>(n - full * kChunk);  // 1..8
+        const v4i lane = {0, 1, 2, 3}, rr = {r, r, r, r};
+        const v4i k0 = lane < rr, k1 = lane + 4 < rr;  // -1 where the lane is real
+        a2 += load4(p) * (v4f)((v4i)gather4(xb, p + kIdx) & k0);
+        a3 += load4(p + 16) * (v4f)((v4i)gather4(xb, p + kIdx + 8) & k1);
       }
-      a0 += a2;
-      a1 += a3;
-      for (; j + 8 <= e; j += 8) {
-        v4f v0, v1;
-        memcpy(&v0, val + j, sizeof(v0));
-        memcpy(&v1, val + j + 4, sizeof(v1));
-        const v4f x0 = {xb[idx[j]], xb[idx[j + 1]], xb[idx[j + 2]], xb[idx[j + 3]]};
-        const v4f x1 = {xb[idx[j + 4]], xb[idx[j + 5]], xb[idx[j + 6]], xb[idx[j + 7]]};
-        a0 += v0 * x0;
-        a1 += v1 * x1;
-      }
-      const v4f a = a0 + a1;
-      float s = (a[0] + a[1]) + (a[2] + a[3]);
-      for (; j < e; ++j) s += val[j] * xb[idx[j]];
+      const v4f a = (a0 + a2) + (a1 + a3);
+      const float s = (a[0] + a[1]) + (a[2] + a[3]);
       const float init = b == 0 ? (bias ? bias[m] : 0.f) : y[m];
       y[m] = init + s;
     }

@@ -317,6 +317,9 @@ int64_t chunk_rows(int64_t rows, int64_t target, int64_t min_rows, int64_t max_r
   return std::max<int64_t>(c, 1);
 }
 
+// Rows of W per task of a batch-1 linear product (linear_rowwise); the batch-1 chunks are laid out for it.
+int64_t rowwise_task_rows(int64_t rows) { return chunk_rows(rows, 16, 64, 512); }
+
 // ---------------------------------------------------------------------------------------------
 // Reading the node.
 
@@ -526,11 +529,26 @@ Csr read_csr(const NodeInfo& n, int64_t cols) {
   return c;
 }
 
+// Column offset and value of entry e (numbered as in seg_ptr) of row m in block b of `w`, in either layout.
+inline void entry_of(const BlockedCsr& w, int64_t b, int64_t m, int64_t e, uint16_t* idx, float* val) {
+  if (!w.chunks) {
+    *idx = w.idx[e];
+    *val = w.val[e];
+    return;
+  }
+  const int64_t k = e - w.seg_ptr[(b * w.rows + m) * w.nsub];  // position in the row's chunks
+  const uint8_t* c = w.chunks + (static_cast<int64_t>(w.chunk_ptr[b * w.rows + m]) + k / kChunk) * kChunkBytes;
+  memcpy(val, c + 4 * (k % kChunk), 4);
+  memcpy(idx, c + 4 * kChunk + 2 * (k % kChunk), 2);
+}
+
 // Owned column-blocked copy of a CSR matrix (see BlockedCsr).
 struct BlockedStore {
   WeightVec<int32_t> seg_ptr;
   WeightVec<uint16_t> idx;
   WeightVec<float> val;
+  WeightVec<int32_t> chunk_ptr;  // batch-1 layout (kernels.h), built by to_chunks()
+  WeightVec<uint8_t> chunks;
   BlockedCsr view{};
 
   // Row-major blocked copy of `c` (columns < cols). Within a segment the file's order is kept.
@@ -564,7 +582,41 @@ struct BlockedStore {
     view = BlockedCsr{M, cols, bc, nb, sc, S, S, 1, seg_ptr.data(), idx.data(), val.data()};
   }
 
-  // Same segments as `src` (row-major), stored sub-major.
+  // Row-major store -> the batch-1 chunks of kernels.h; idx and val are freed. A row's last chunk is
+  // padded with value 0, offset 0 (the kernels mask those lanes). The chunks are laid out in the order the
+  // batch-1 product reads them when it takes `task_rows` rows at a time (all blocks of those rows, then the
+  // next rows), so one call reads its weights as one sequential stream.
+  void to_chunks(int64_t task_rows) {
+    const int64_t M = view.rows, S = view.nsub, nb = view.nblocks;
+    chunk_ptr.assign(nb * M + 1, 0);
+    int64_t total = 0;
+    for (int64_t r0 = 0; r0 < M; r0 += task_rows)
+      for (int64_t b = 0; b < nb; ++b)
+        for (int64_t m = r0; m < std::min(M, r0 + task_rows); ++m) {
+          const int64_t g = b * M + m;
+          chunk_ptr[g] = static_cast<int32_t>(total);
+          total += (seg_ptr[(g + 1) * S] - seg_ptr[g * S] + kChunk - 1) / kChunk;
+          if (total >= INT32_MAX) throw OpError(ORT_FAIL, "sparse matrix too large to repack");
+        }
+    chunk_ptr[nb * M] = static_cast<int32_t>(total);
+    chunks.assign(total * kChunkBytes, 0);
+    for (int64_t g = 0; g < nb * M; ++g) {
+      uint8_t* c = chunks.data() + static_cast<int64_t>(chunk_ptr[g]) * kChunkBytes;
+      for (int64_t e = seg_ptr[g * S], k = 0; e < seg_ptr[(g + 1) * S]; ++e, ++k) {
+        uint8_t* at = c + (k / kChunk) * kChunkBytes;
+        memcpy(at + 4 * (k % kChunk), &val[e], 4);
+        memcpy(at + 4 * kChunk + 2 * (k % kChunk), &idx[e], 2);
+      }
+    }
+    idx = WeightVec<uint16_t>();
+    val = WeightVec<float>();
+    view.idx = nullptr;
+    view.val = nullptr;
+    view.chunk_ptr = chunk_ptr.data();
+    view.chunks = chunks.data();
+  }
+
+  // Same segments as `src` (row-major, either layout), stored sub-major.
   void build_sub_major(const BlockedCsr& src) {
     const int64_t M = src.rows, S = src.nsub, nseg = src.nblocks * M * S;
     seg_ptr.assign(nseg + 1, 0);
@@ -578,9 +630,7 @@ struct BlockedStore {
           const int64_t k = b * M * S + m * S + s;
           const int32_t j0 = src.seg_ptr[k], j1 = src.seg_ptr[k + 1];
           seg_ptr[i++] = static_cast<int32_t>(at);
-          std::copy(src.idx + j0, src.idx + j1, idx.begin() + at);
-          std::copy(src.val + j0, src.val + j1, val.begin() + at);
-          at += j1 - j0;
+          for (int32_t j = j0; j < j1; ++j, ++at) entry_of(src, b, m, j, &idx[at], &val[at]);
         }
       }
     }
@@ -591,6 +641,8 @@ struct BlockedStore {
     view.seg_ptr = seg_ptr.data();
     view.idx = idx.data();
     view.val = val.data();
+    view.chunk_ptr = nullptr;
+    view.chunks = nullptr;
   }
 };
 
@@ -598,9 +650,12 @@ struct BlockedStore {
 // sub-major for tile products built on first use (so batch-1-only sessions hold one copy).
 class BlockedWeights {
  public:
-  void init(const Csr& c, int64_t cols, bool want_row_major) {
+  // want_row_major: batch-1 chunks for products that take task_rows rows at a time (to_chunks).
+  void init(const Csr& c, int64_t cols, bool want_row_major, int64_t task_rows = 1) {
     row_major_.build_row_major(c, cols);
-    if (!want_row_major) {
+    if (want_row_major) {
+      row_major_.to_chunks(task_rows);
+    } else {
       sub_major_.build_sub_major(row_major_.view);
       sub_ready_.store(true);
       row_major_ = BlockedStore();
@@ -639,7 +694,12 @@ void for_each_column(const BlockedCsr& w, int64_t m, const F& f) {
   for (int64_t b = 0; b < w.nblocks; ++b)
     for (int64_t s = 0; s < w.nsub; ++s) {
       const int64_t i = b * w.rows * w.nsub + m * w.row_stride + s * w.sub_stride;
-      for (int32_t e = w.seg_ptr[i]; e < w.seg_ptr[i + 1]; ++e) f(b * w.block_cols + w.idx[e]);
+      for (int32_t e = w.seg_ptr[i]; e < w.seg_ptr[i + 1]; ++e) {
+        uint16_t k = 0;
+        float v = 0.f;
+        entry_of(w, b, m, e, &k, &v);
+        f(b * w.block_cols + k);
+      }
     }
 }
 
@@ -772,7 +832,7 @@ void linear_batched(OrtKernelContext* ctx, const KernelTable* kt, const BlockedC
 // x_n. Tasks are (row of X, chunk of rows of W).
 template <class Spmv>
 void linear_rowwise(OrtKernelContext* ctx, const LinearIo& io, int64_t M, int64_t K, bool relu, const Spmv& spmv) {
-  const int64_t mc = chunk_rows(M, 16, 64, 512), chunks = ceil_div(M, mc);
+  const int64_t mc = rowwise_task_rows(M), chunks = ceil_div(M, mc);
   parallel_for(ctx, io.N * chunks, [&](size_t t) {
     const int64_t n = t / chunks, m0 = (t % chunks) * mc, m1 = std::min(M, m0 + mc);
     float* yn = io.y + n * M;
@@ -808,7 +868,7 @@ class SparseLinear {
     rows_ = c.rows;
     bias_ = std::move(c.bias);
     // Columns past the largest index hold no non-zeros: blocking stops there.
-    w_.init(c, std::max<int64_t>(c.max_col + 1, 1), /*want_row_major=*/true);
+    w_.init(c, std::max<int64_t>(c.max_col + 1, 1), /*want_row_major=*/true, rowwise_task_rows(rows_));
   }
 
   void compute(OrtKernelContext* ctx) {
