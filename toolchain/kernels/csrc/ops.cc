@@ -1025,13 +1025,19 @@ class PackedLinear {
     for (int64_t m = 0; m < rows_; ++m)
       for (int32_t e = rp_[m]; e < rp_[m + 1]; ++e)
         if (!zero(e)) len_[(cols[e] / block_cols_) * rows_ + m]++;
+    // Segments in the order the batch-1 tasks read them (all blocks of a task's rows, then the next
+    // rows: one sequential stream per call, as the fp32 chunks of BlockedStore::to_chunks).
     const bool even = kind_ == kCodebook4;
+    const int64_t task_rows = rowwise_task_rows(rows_);
     int64_t at = 0;
-    for (int64_t i = 0; i < nseg; ++i) {
-      if (even) at += at & 1;
-      start_[i] = at;
-      at += len_[i];
-    }
+    for (int64_t r0 = 0; r0 < rows_; r0 += task_rows)
+      for (int64_t b = 0; b < nblocks_; ++b)
+        for (int64_t m = r0; m < std::min(rows_, r0 + task_rows); ++m) {
+          const int64_t i = b * rows_ + m;
+          if (even) at += at & 1;
+          start_[i] = at;
+          at += len_[i];
+        }
     idx_.assign(at + 64, 0);
     code_.assign((even ? (at + 1) / 2 : at) + 64, 0);
     std::vector<int64_t> fill(start_.begin(), start_.end());
