@@ -98,3 +98,23 @@ def test_bench_sparse_fc_linear_paths_reports_which_path_auto_takes(capsys):
             if line.startswith(("| fp32 |", "| cb4 |", "| int8 |"))]
     assert [(r[0].strip(), r[1].strip(), r[5].strip()) for r in rows] == [
         (form, batch, path) for form in ("fp32", "cb4", "int8") for batch, path in (("2", "rowwise"), ("4", "tile"))]
+
+
+def test_bench_sparse_fc_compare_lib_against_itself(capsys, tmp_path):
+    # a smoke run of the A/B of two library builds: this checkout's library against a copy of itself gives
+    # one row per form and ISA path with bitwise-equal outputs; a missing file is refused
+    import shutil
+
+    import bench_sparse_fc as bsf
+    from toolchain import kernels
+
+    copy = tmp_path / "copy.so"
+    shutil.copy(kernels.library_path(build=True), copy)
+    assert bsf.main(["--compare-lib", str(copy), "--batches", "1", "--runs", "1", "--warmup", "0"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| fp32 |", "| cb4 |", "| int8 |"))]
+    paths = ["portable"] + (["avx2"] if {"avx2", "fma"} <= bsf.cpu_flags() else [])
+    paths += ["avx512"] if {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"} <= bsf.cpu_flags() else []
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [(f, p) for f in ("fp32", "cb4", "int8") for p in paths]
+    assert {r[-1].strip() for r in rows} == {"0.0e+00"}
+    assert bsf.main(["--compare-lib", str(tmp_path / "missing.so")]) == 2

@@ -10,6 +10,12 @@ this machine's measured read bandwidth).
     python tools/bench_sparse_fc.py --sweep [--runs 20]   # break-even density, one 4096x4096 layer
     python tools/bench_sparse_fc.py --deepsparse ~/ds [--reps 5]   # side by side with DeepSparse 1.8
     python tools/bench_sparse_fc.py --linear-paths --batches 1 2 3 4 8 [--runs 40]   # small-batch paths
+    python tools/bench_sparse_fc.py --compare-lib OTHER.so --batches 1 2 3 [--runs 400]   # A/B of two builds
+
+--compare-lib OTHER.so: another build of the custom-op library (say, of an earlier commit: `python -m
+toolchain.kernels.build --out-dir DIR` in its checkout) against this checkout's, on the fc stack at 90% sparsity
+in the three fast forms, every ISA path of this CPU: one session per library, form and path, single runs
+alternating in one process, 1 thread; medians of wall and thread CPU time.
 
 --deepsparse DS_VENV: the fc stack at 90% sparsity in the fp32 fast form (every ISA path at batch 1, and the
 default one with the weights on 4 KiB pages: TOOLCHAIN_KERNELS_HUGEPAGES=0), the
@@ -40,7 +46,7 @@ import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from toolchain import kernels  # noqa: E402
-from toolchain.bench import cpu_name, memory_bandwidth  # noqa: E402
+from toolchain.bench import cpu_flags, cpu_name, memory_bandwidth  # noqa: E402
 from toolchain.methods.prune import csr
 from toolchain.methods.quantize import packed  # noqa: E402
 DENSITIES = {
@@ -446,6 +452,69 @@ def linear_paths(args) -> int:
     return 0
 
 
+def compare_lib(args) -> int:
+    """A/B of two builds of the custom-op library (see the module docstring)."""
+    from pathlib import Path
+
+    other = Path(args.compare_lib).expanduser().resolve()
+    if not other.is_file():
+        print(f"ERROR: {other} is not a file (build one with python -m toolchain.kernels.build --out-dir DIR)",
+              file=sys.stderr)
+        return 2
+    libs = {"other": str(other), "this": str(kernels.library_path())}
+    base = make_weights()
+    fp32 = {name: (magnitude_prune(w, 0.10), b) for name, (w, b) in base.items()}
+    forms = {"fp32": sparse_model(fp32)}
+    for fmt in ("cb4", "int8"):
+        forms[fmt] = packed_model(packed_layers(fp32, fmt), fp32)
+    flags = cpu_flags()
+    isas = ["portable"] + (["avx2"] if {"avx2", "fma"} <= flags else [])
+    isas += ["avx512"] if {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"} <= flags else []
+    rng = np.random.default_rng(2)
+    print("# Two builds of the custom-op library: AlexNet fc6-fc8 at 90% sparsity\n")
+    print(f"- CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; 1 thread; "
+          f"{args.runs} alternating runs per session, medians; load average at start {os.getloadavg()[0]:.1f}")
+    print(f"- other: {other}\n- this: {libs['this']}\n")
+    print("| form | ISA path | batch | other ms | this ms | speed-up | CPU ms other / this | max rel. difference |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for form, model in forms.items():
+        sessions = {}
+        for isa in isas:
+            for name, lib in libs.items():
+                so = ort.SessionOptions()
+                so.intra_op_num_threads = 1
+                so.inter_op_num_threads = 1
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                so.register_custom_ops_library(lib)
+                os.environ["TOOLCHAIN_KERNELS_ISA"] = isa
+                try:
+                    sessions[(isa, name)] = ort.InferenceSession(model.SerializeToString(), so,
+                                                                 providers=["CPUExecutionProvider"])
+                finally:
+                    os.environ.pop("TOOLCHAIN_KERNELS_ISA", None)
+        for n in args.batches:
+            feed = {"X": rng.standard_normal((n, LAYERS[0][1]), dtype=np.float32)}
+            outs = {key: sess.run(None, feed)[0] for key, sess in sessions.items()}
+            wall = {key: [] for key in sessions}
+            cpu = {key: [] for key in sessions}
+            for _ in range(args.warmup):
+                for sess in sessions.values():
+                    sess.run(None, feed)
+            for _ in range(args.runs):
+                for key, sess in sessions.items():
+                    t0, c0 = time.perf_counter(), time.thread_time()
+                    sess.run(None, feed)
+                    cpu[key].append((time.thread_time() - c0) * 1e3)
+                    wall[key].append((time.perf_counter() - t0) * 1e3)
+            for isa in isas:
+                a, b = (isa, "other"), (isa, "this")
+                ma, mb = statistics.median(wall[a]), statistics.median(wall[b])
+                diff = np.abs(outs[a] - outs[b]).max() / max(np.abs(outs[a]).max(), 1e-12)
+                print(f"| {form} | {isa} | {n} | {ma:.3f} | {mb:.3f} | {ma / mb:.2f}x | "
+                      f"{statistics.median(cpu[a]):.3f} / {statistics.median(cpu[b]):.3f} | {diff:.1e} |", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=50, help="timed runs per configuration (default 50)")
@@ -461,6 +530,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/bench-sbs", help="--deepsparse: folder for the model files")
     p.add_argument("--linear-paths", action="store_true",
                    help="small batches: tile product vs one batch-1 product per row (use with --batches 1 2 3 4 8)")
+    p.add_argument("--compare-lib", metavar="OTHER_SO", help="A/B against another build of the custom-op library")
     args = p.parse_args(argv)
 
     kernels.library_path()  # build before timing
@@ -470,6 +540,8 @@ def main(argv=None) -> int:
         return sidebyside(args)
     if args.linear_paths:
         return linear_paths(args)
+    if args.compare_lib:
+        return compare_lib(args)
     isa = os.environ.get("TOOLCHAIN_KERNELS_ISA", "auto")
     print(f"# SparseLinear vs dense Gemm: AlexNet fc6-fc8\n")
     print(f"- CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; "
