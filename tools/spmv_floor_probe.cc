@@ -2,12 +2,16 @@
 //
 // Built with -mavx2 -mfma (main checks the CPU first) and run by tools/spmv_floor_probe.py. It times loops
 // over the layout of the fp32 fast form (column blocks of 2048, row-major segments, uint16 column offsets,
-// fp32 values, on 2 MiB huge pages) of AlexNet's fc stack at 10 % density. Only the first two loops compute
+// fp32 values, on 2 MiB huge pages) of AlexNet's fc stack at 10 % density. Only the first three loops compute
 // the product; the others are timing probes that read the same value and index streams but do less per
 // non-zero, to show which part of the work keeps a kernel from streaming at the memory's read rate.
 //
-//   probe_gather      the product: each x value loaded by index (scalar loads into 4-lane vectors,
-//                     the shape of the library's AVX2 batch-1 kernel), 2.25 loads per non-zero
+//   probe_chunks      the product over the library's batch-1 layout since stop 22: chunks of 8 fp32 values
+//                     followed by their 8 uint16 column offsets (one interleaved stream, each row's last
+//                     chunk padded and masked), offsets read as 64-bit words, 1.5 loads per non-zero
+//   probe_gather      the product over separate value and index arrays, each x value loaded by index
+//                     (scalar loads into 4-lane vectors: the library's AVX2 batch-1 kernel until stop 21),
+//                     2.25 loads per non-zero
 //   probe_idx64       the same product, indices read 4 at a time as 64-bit words (1.5 loads / non-zero)
 //   probe_half        x loaded for every other non-zero only (1.25 loads / non-zero; wrong result)
 //   probe_fixed       one x load per non-zero at addresses that do not depend on the index (1.25 loads)
@@ -17,8 +21,8 @@
 //   one_stream        one sequential read of a buffer of the same size as the weights
 //
 // Output: one line per probe, "name streamed_ns_per_nz l2_ns_per_nz", and a first line
-// "bandwidth GBps bytes_per_nz B nnz N error E" (E: the two product probes' largest error on fc6 against a
-// float64 reference). Arguments: [rows of fc6/fc7] [timed runs] [MiB of the bandwidth / flush buffer].
+// "bandwidth GBps bytes_per_nz B chunk_bytes_per_nz C nnz N error E" (C: bytes per non-zero of the chunked
+// layout, padding included; E: the product probes' largest error on fc6 against a float64 reference). Arguments: [rows of fc6/fc7] [timed runs] [MiB of the bandwidth / flush buffer].
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -53,12 +57,16 @@ T* huge_copy(const std::vector<T>& v) {
 
 constexpr int kBlockCols = 2048;
 
+constexpr int kChunk = 8, kChunkBytes = 6 * kChunk;
+
 struct Csr {
   int rows = 0, nblocks = 0, block_cols = 0;
   const int32_t* seg = nullptr;  // nblocks * rows + 1
   const uint16_t* idx = nullptr;
   const float* val = nullptr;
-  size_t nnz = 0, bytes = 0;
+  const int32_t* chunk_start = nullptr;  // the same matrix in chunks: first chunk of segment (block, row)
+  const uint8_t* chunks = nullptr;
+  size_t nnz = 0, bytes = 0, chunk_bytes = 0;
 };
 
 Csr make_layer(int rows, int cols, double density, uint32_t seed) {
@@ -87,6 +95,23 @@ Csr make_layer(int rows, int cols, double density, uint32_t seed) {
   w.block_cols = bc;
   w.nnz = idx.size();
   w.bytes = w.nnz * 6 + seg.size() * 4;
+  // chunked copy: segments in order, each padded to whole chunks (value 0, offset 0)
+  std::vector<int32_t> cs;
+  std::vector<uint8_t> ch;
+  for (size_t i = 0; i + 1 < seg.size(); ++i) {
+    cs.push_back(static_cast<int32_t>(ch.size() / kChunkBytes));
+    for (int32_t j = seg[i]; j < seg[i + 1]; j += kChunk) {
+      uint8_t c[kChunkBytes] = {};
+      for (int k = 0; k < kChunk && j + k < seg[i + 1]; ++k) {
+        memcpy(c + 4 * k, &val[j + k], 4);
+        memcpy(c + 4 * kChunk + 2 * k, &idx[j + k], 2);
+      }
+      ch.insert(ch.end(), c, c + kChunkBytes);
+    }
+  }
+  w.chunk_bytes = ch.size() + cs.size() * 4;
+  w.chunk_start = huge_copy(cs);
+  w.chunks = huge_copy(ch);
   idx.resize(idx.size() + 64);
   val.resize(val.size() + 64);
   w.seg = huge_copy(seg);
@@ -122,6 +147,55 @@ void walk(const Csr& w, const float* x, float* y, Body body, Tail tail) {
       float s = hsum4(_mm_add_ps(_mm_add_ps(a[0], a[1]), _mm_add_ps(a[2], a[3])));
       for (; j < e; ++j) s += tail(xb, j);
       y[m] = (b ? y[m] : 0.f) + s;
+    }
+  }
+}
+
+inline __m128 gather4w(const float* xb, const uint8_t* ip) {
+  uint64_t w;
+  memcpy(&w, ip, 8);
+  const uint32_t lo = static_cast<uint32_t>(w), hi = static_cast<uint32_t>(w >> 32);
+  const __m128 a = _mm_insert_ps(_mm_load_ss(xb + (lo & 0xffff)), _mm_load_ss(xb + (lo >> 16)), 0x10);
+  const __m128 b = _mm_insert_ps(_mm_load_ss(xb + (hi & 0xffff)), _mm_load_ss(xb + (hi >> 16)), 0x10);
+  return _mm_movelh_ps(a, b);
+}
+
+alignas(64) const int32_t kLaneMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+// The library's batch-1 loop over its chunks (kernels_avx2.cc), segments walked as the others walk them.
+void probe_chunks(const Csr& w, const float* x, float* y) {
+  for (int b = 0; b < w.nblocks; ++b) {
+    const float* xb = x + static_cast<int64_t>(b) * w.block_cols;
+    const int32_t* sp = w.seg + static_cast<int64_t>(b) * w.rows;
+    const int32_t* cp = w.chunk_start + static_cast<int64_t>(b) * w.rows;
+    for (int m = 0; m < w.rows; ++m) {
+      __m128 a0 = _mm_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const int64_t n = sp[m + 1] - sp[m];
+      if (n > 0) {
+        const uint8_t* p = w.chunks + static_cast<int64_t>(cp[m]) * kChunkBytes;
+        const int64_t full = (n - 1) / kChunk;
+        const uint8_t* last = p + full * kChunkBytes;
+        auto chunk = [xb](const uint8_t* c, __m128& lo, __m128& hi) {
+          const float* v = reinterpret_cast<const float*>(c);
+          lo = _mm_fmadd_ps(_mm_loadu_ps(v), gather4w(xb, c + 4 * kChunk), lo);
+          hi = _mm_fmadd_ps(_mm_loadu_ps(v + 4), gather4w(xb, c + 4 * kChunk + 8), hi);
+        };
+        for (; p + kChunkBytes < last; p += 2 * kChunkBytes) {
+          chunk(p, a0, a1);
+          chunk(p + kChunkBytes, a2, a3);
+        }
+        if (p < last) {
+          chunk(p, a0, a1);
+          p += kChunkBytes;
+        }
+        const int64_t r = n - full * kChunk;
+        const __m128 k0 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kLaneMask + 8 - r)));
+        const __m128 k1 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kLaneMask + 12 - r)));
+        const float* v = reinterpret_cast<const float*>(p);
+        a2 = _mm_fmadd_ps(_mm_loadu_ps(v), _mm_and_ps(gather4w(xb, p + 4 * kChunk), k0), a2);
+        a3 = _mm_fmadd_ps(_mm_loadu_ps(v + 4), _mm_and_ps(gather4w(xb, p + 4 * kChunk + 8), k1), a3);
+      }
+      y[m] = (b ? y[m] : 0.f) + hsum4(_mm_add_ps(_mm_add_ps(a0, a1), _mm_add_ps(a2, a3)));
     }
   }
 }
@@ -283,8 +357,8 @@ int main(int argc, char** argv) {
   std::vector<Csr> stack = {make_layer(rows, 9216, 0.1, 1), make_layer(rows, rows, 0.1, 2),
                             make_layer(std::max(16, rows * 1000 / 4096), rows, 0.1, 3)};
   Csr small = make_layer(160, 9216, 0.1, 4);  // 0.9 MB: stays in L2 between repetitions
-  size_t nnz = 0, bytes = 0;
-  for (auto& w : stack) nnz += w.nnz, bytes += w.bytes;
+  size_t nnz = 0, bytes = 0, chunk_bytes = 0;
+  for (auto& w : stack) nnz += w.nnz, bytes += w.bytes, chunk_bytes += w.chunk_bytes;
   const size_t one_n = (bytes / 4 + 31) / 32 * 32;
   const float* one = huge_floats(one_n, 1.f);
   const size_t big_n = size_t(big_mib) << 18;  // floats of the bandwidth pass and the cache flush
@@ -299,7 +373,7 @@ int main(int argc, char** argv) {
   const struct {
     const char* name;
     Probe f;
-  } probes[] = {{"gather", probe_gather},   {"idx64", probe_idx64}, {"half", probe_half},
+  } probes[] = {{"chunks", probe_chunks}, {"gather", probe_gather},   {"idx64", probe_idx64}, {"half", probe_half},
                 {"fixed", probe_fixed},     {"none", probe_none},   {"none_fp", probe_none_fp},
                 {"two_streams", nullptr}, {"one_stream", nullptr}};
   const int np = sizeof(probes) / sizeof(probes[0]);
@@ -330,11 +404,14 @@ int main(int argc, char** argv) {
     g_sink = read_stream(big, big_n);
     bw.push_back(big_n * 4 / (now() - t));
   }
-  probe_gather(stack[0], x.data(), h1.data());
+  probe_chunks(stack[0], x.data(), h1.data());
   double error = product_error(stack[0], x.data(), h1.data());
+  probe_gather(stack[0], x.data(), h1.data());
+  error = std::max(error, product_error(stack[0], x.data(), h1.data()));
   probe_idx64(stack[0], x.data(), h1.data());
   error = std::max(error, product_error(stack[0], x.data(), h1.data()));
-  printf("bandwidth %.3f bytes_per_nz %.4f nnz %zu error %.3g\n", median(bw) / 1e9, double(bytes) / nnz, nnz, error);
+  printf("bandwidth %.3f bytes_per_nz %.4f chunk_bytes_per_nz %.4f nnz %zu error %.3g\n", median(bw) / 1e9,
+         double(bytes) / nnz, double(chunk_bytes) / nnz, nnz, error);
   for (int p = 0; p < np; ++p)
     printf("%s %.4f %.4f\n", probes[p].name, median(streamed[p]) / nnz * 1e9,
            probes[p].f ? median(resident[p]) / small.nnz * 1e9 : 0.0);

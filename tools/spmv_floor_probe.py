@@ -5,7 +5,7 @@ Compiles tools/spmv_floor_probe.cc (a C++ compiler is needed; AVX2 + FMA CPUs on
 fc stack at 10 % density in the fp32 fast form's layout. It prints one table: per probe, the nanoseconds per kept
 weight with the weights streamed from memory (caches flushed before each run) and with a small layer held in L2.
 The floor is the `one_stream` probe: a sequential read of a buffer as large as the weights, timed in the same
-interleaved runs as the others. Only the first two probes compute the product (checked against float64); the
+interleaved runs as the others. Only the first three probes compute the product (checked against float64); the
 others read the same value and index streams but load fewer x values per kept weight. One thread, medians.
 
     python tools/spmv_floor_probe.py [--runs 30] [--rows 4096] [--bw-mib 1024]
@@ -27,8 +27,10 @@ SOURCE = Path(__file__).resolve().parent / "spmv_floor_probe.cc"
 
 # name -> (what it does per 16 kept weights, memory loads per kept weight)
 PROBES = {
-    "gather": ("the product: 16 x values loaded by index into 4-lane vectors (the shape of the library's AVX2 loop)",
-               2.25),
+    "chunks": ("the product over chunks of 8 values + their 8 16-bit indices, indices read as 64-bit words (the "
+               "library's batch-1 layout and AVX2 loop since stop 22)", 1.5),
+    "gather": ("the product over separate value and index arrays: 16 x values loaded by index into 4-lane vectors "
+               "(the library's AVX2 loop until stop 21)", 2.25),
     "idx64": ("the product, indices read as 64-bit words and split with shifts", 1.5),
     "half": ("8 x values loaded by index, each used twice (wrong result)", 1.25),
     "fixed": ("16 x values loaded at addresses that do not depend on the indices", 1.25),
@@ -87,7 +89,8 @@ def main(argv=None) -> int:
     floor = rows["one_stream"][0]  # ns per kept weight: a sequential read of the same bytes, in the same runs
     print(f"- CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); 1 thread; {args.runs} interleaved runs, medians")
     print(f"- fc stack {args.rows}-row fc6/fc7 at 10 % density: {int(meta['nnz']):,} kept weights, "
-          f"{meta['bytes_per_nz']:.2f} bytes each (fp32 value + 16-bit index + segment offsets)")
+          f"{meta['bytes_per_nz']:.2f} bytes each (fp32 value + 16-bit index + segment offsets; in chunks, padding "
+          f"included: {meta['chunk_bytes_per_nz']:.2f})")
     print(f"- floor: one sequential read of a buffer of the weights' size, timed in the same interleaved runs: "
           f"{floor:.3f} ns per kept weight ({meta['bytes_per_nz'] / floor:.1f} GB/s; one AVX2 pass over "
           f"{args.bw_mib} MiB after the runs: {meta['bandwidth']:.1f} GB/s)\n")
