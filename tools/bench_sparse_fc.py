@@ -313,14 +313,17 @@ def sidebyside(args) -> int:
     print("# AlexNet fc6-fc8 (9216-4096-4096-1000) at 90% sparsity: side by side with DeepSparse\n")
     print(f"- CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; DeepSparse from "
           f"{args.deepsparse}; 1 thread; load average at start {os.getloadavg()[0]:.1f}")
-    bw = memory_bandwidth(int(args.bw_gib * 1024), 7)
-    print(f"- measured read bandwidth (fastest of three numpy read passes over {args.bw_gib:g} GiB, median of 7 each): {bw / 1e9:.1f} GB/s")
     print(f"- {args.reps} interleaved repetitions, each timing in its own process ({args.budget:g} s of runs, median); "
-          "table: median over repetitions; CPU = the timing thread's CPU time (DeepSparse: its process's)\n")
+          "table: median over repetitions; CPU = the timing thread's CPU time (DeepSparse: its process's)")
 
     times: dict[tuple[str, int], list[tuple[float, float]]] = {}
     errs: dict[tuple[str, int], float] = {}
+    # The floor is measured at the start of every repetition: other tenants of the host change the bandwidth
+    # one core gets within minutes (15 to 29 GB/s in one session), so a floor from the start of the run alone
+    # can be far from the one the later timings ran against.
+    bws: list[float] = []
     for rep in range(args.reps):
+        bws.append(memory_bandwidth(int(args.bw_gib * 1024), 3))
         for batch in args.batches:
             for label, backend, model, wkey, extra_env, batches in configs:
                 if batch not in batches:
@@ -350,9 +353,16 @@ def sidebyside(args) -> int:
                     errs[(label, batch)] = float(np.abs(y - ref).max() / np.abs(ref).max())
                     out.unlink()
         print(f"  (repetition {rep + 1}/{args.reps} done)", file=sys.stderr, flush=True)
+    bw = statistics.median(bws)
+    print(f"- read bandwidth at the start of each repetition (fastest of three numpy read passes over "
+          f"{args.bw_gib:g} GiB, median of 3 each): {', '.join(f'{b / 1e9:.1f}' for b in bws)} GB/s; median "
+          f"{bw / 1e9:.1f}\n")
 
     def med(label, batch, i=0):
         return statistics.median(t[i] for t in times[(label, batch)])
+
+    def med_x_floor(label, i=0):  # median over repetitions of (batch-1 time / that repetition's floor)
+        return statistics.median(t[i] / (csr_bytes / b * 1e3) for t, b in zip(times[(label, 1)], bws))
 
     ds_same = {"fp32": "DeepSparse fp32", "cb4": "DeepSparse codebook-4 dequantized",
                "int8": "DeepSparse int8 dequantized"}
@@ -380,14 +390,15 @@ def sidebyside(args) -> int:
         fill = sum(lay.fillers for lay in layers[fmt].values())
         print(f"| {name} | {nb:,} | {kept:,} | {nb / kept:.2f} | {fill} |")
 
-    print("\nBatch-1 bandwidth floor of the fp32 fast form: its CSR bytes / the measured bandwidth.\n")
+    print("\nBatch-1 bandwidth floor of the fp32 fast form: its CSR bytes / the bandwidth measured at the start of "
+          "the same repetition; x floor = median over repetitions of time / floor (floor ms: the median floor).\n")
     floor = csr_bytes / bw * 1e3
     print("| ISA path | floor ms | wall ms | x floor | CPU ms | CPU x floor |")
     print("|---|---:|---:|---:|---:|---:|")
     for isa in [*isas, "auto, 4 KiB pages"]:  # the last: TOOLCHAIN_KERNELS_HUGEPAGES=0
         label = f"fast fp32 CSR [{isa}]"
         ms, cpu = med(label, 1), med(label, 1, 1)
-        print(f"| {isa} | {floor:.2f} | {ms:.2f} | {ms / floor:.2f} | {cpu:.2f} | {cpu / floor:.2f} |")
+        print(f"| {isa} | {floor:.2f} | {ms:.2f} | {med_x_floor(label):.2f} | {cpu:.2f} | {med_x_floor(label, 1):.2f} |")
 
     print("\nBatch-1 fp32 time per kept weight: streamed (the stack above, wall), with the weights in L2 (one "
           "150 x 9216 layer at 10%, less a 1-row layer's time), and the floor (CSR bytes per kept weight / "
