@@ -118,3 +118,21 @@ def test_bench_sparse_fc_compare_lib_against_itself(capsys, tmp_path):
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [(f, p) for f in ("fp32", "cb4", "int8") for p in paths]
     assert {r[-1].strip() for r in rows} == {"0.0e+00"}
     assert bsf.main(["--compare-lib", str(tmp_path / "missing.so")]) == 2
+
+
+def test_read_bandwidth_measures_every_call(monkeypatch):
+    # bench_sparse_fc --deepsparse takes a floor per repetition from read_bandwidth; memory_bandwidth (one
+    # measurement per process for toolchain bench) is the cached one
+    import numpy as np
+
+    from toolchain import bench
+
+    made = []
+    ones = np.ones
+    monkeypatch.setattr(np, "ones", lambda *a, **k: made.append(1) or ones(*a, **k))
+    for _ in range(2):
+        assert bench.read_bandwidth(4, 1) > 0
+    assert len(made) == 2
+    bench.memory_bandwidth(4, 1)
+    bench.memory_bandwidth(4, 1)
+    assert len(made) == 3

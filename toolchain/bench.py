@@ -143,7 +143,12 @@ def per_node_times(model: onnx.ModelProto, batch: int, threads: int, runs: int =
 
 @functools.lru_cache(maxsize=None)
 def memory_bandwidth(size_mb: int = 1024, repeats: int = 7) -> float:
-    """Measured single-thread read bandwidth in bytes/s over an array far larger than cache.
+    """Single-thread read bandwidth in bytes/s (read_bandwidth), measured once per process and argument set."""
+    return read_bandwidth(size_mb, repeats)
+
+
+def read_bandwidth(size_mb: int = 1024, repeats: int = 7) -> float:
+    """Measured single-thread read bandwidth in bytes/s over an array far larger than cache, every call anew.
 
     Three numpy read passes are timed (a float32 sum, an int64 sum and an OR-reduction of the same bytes),
     each the median of `repeats`, and the fastest is returned. One pass alone can be bound by its

@@ -46,7 +46,7 @@ import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from toolchain import kernels  # noqa: E402
-from toolchain.bench import cpu_flags, cpu_name, memory_bandwidth  # noqa: E402
+from toolchain.bench import cpu_flags, cpu_name, memory_bandwidth, read_bandwidth  # noqa: E402
 from toolchain.methods.prune import csr
 from toolchain.methods.quantize import packed  # noqa: E402
 DENSITIES = {
@@ -323,7 +323,7 @@ def sidebyside(args) -> int:
     # can be far from the one the later timings ran against.
     bws: list[float] = []
     for rep in range(args.reps):
-        bws.append(memory_bandwidth(int(args.bw_gib * 1024), 3))
+        bws.append(read_bandwidth(int(args.bw_gib * 1024), 3))  # not memory_bandwidth: that one is cached
         for batch in args.batches:
             for label, backend, model, wkey, extra_env, batches in configs:
                 if batch not in batches:
