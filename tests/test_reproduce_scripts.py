@@ -119,6 +119,19 @@ def test_bench_sparse_fc_compare_lib_against_itself(capsys, tmp_path):
     assert {r[-1].strip() for r in rows} == {"0.0e+00"}
     assert bsf.main(["--compare-lib", str(tmp_path / "missing.so")]) == 2
 
+    # --files: a fast-form file of one's own instead of the fc stack
+    import numpy as np
+    import onnx
+
+    from toolchain.methods.prune import csr
+
+    w = np.where(np.random.default_rng(0).random((7, 20)) < 0.3, 1.0, 0.0).astype(np.float32)
+    onnx.save(csr.make_sparse_linear_model(w, None), tmp_path / "tiny.onnx")
+    assert bsf.main(["--compare-lib", str(copy), "--files", str(tmp_path / "tiny.onnx"), "--batches", "1", "5",
+                     "--runs", "1", "--warmup", "0"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny.onnx |")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [(p, b) for b in ("1", "5") for p in paths]
+
 
 def test_read_bandwidth_measures_every_call(monkeypatch):
     # bench_sparse_fc --deepsparse takes a floor per repetition from read_bandwidth; memory_bandwidth (one

@@ -11,11 +11,13 @@ this machine's measured read bandwidth).
     python tools/bench_sparse_fc.py --deepsparse ~/ds [--reps 5]   # side by side with DeepSparse 1.8
     python tools/bench_sparse_fc.py --linear-paths --batches 1 2 3 4 8 [--runs 40]   # small-batch paths
     python tools/bench_sparse_fc.py --compare-lib OTHER.so --batches 1 2 3 [--runs 400]   # A/B of two builds
+    python tools/bench_sparse_fc.py --compare-lib OTHER.so --files A-fast.onnx ... --batches 1 64
 
 --compare-lib OTHER.so: another build of the custom-op library (say, of an earlier commit: `python -m
 toolchain.kernels.build --out-dir DIR` in its checkout) against this checkout's, on the fc stack at 90% sparsity
 in the three fast forms, every ISA path of this CPU: one session per library, form and path, single runs
-alternating in one process, 1 thread; medians of wall and thread CPU time.
+alternating in one process, 1 thread; medians of wall and thread CPU time. With --files, those fast-form files
+instead of the fc stack (random normal inputs: batch from --batches, the other dimensions from the file).
 
 --deepsparse DS_VENV: the fc stack at 90% sparsity in the fp32 fast form (every ISA path at batch 1, and the
 default one with the weights on 4 KiB pages: TOOLCHAIN_KERNELS_HUGEPAGES=0), the
@@ -473,16 +475,20 @@ def compare_lib(args) -> int:
               file=sys.stderr)
         return 2
     libs = {"other": str(other), "this": str(kernels.library_path())}
-    base = make_weights()
-    fp32 = {name: (magnitude_prune(w, 0.10), b) for name, (w, b) in base.items()}
-    forms = {"fp32": sparse_model(fp32)}
-    for fmt in ("cb4", "int8"):
-        forms[fmt] = packed_model(packed_layers(fp32, fmt), fp32)
+    if args.files:  # fast-form files of the user's choice instead of the fc stack
+        forms = {Path(f).name: onnx.load(f) for f in args.files}
+    else:
+        base = make_weights()
+        fp32 = {name: (magnitude_prune(w, 0.10), b) for name, (w, b) in base.items()}
+        forms = {"fp32": sparse_model(fp32)}
+        for fmt in ("cb4", "int8"):
+            forms[fmt] = packed_model(packed_layers(fp32, fmt), fp32)
     flags = cpu_flags()
     isas = ["portable"] + (["avx2"] if {"avx2", "fma"} <= flags else [])
     isas += ["avx512"] if {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"} <= flags else []
     rng = np.random.default_rng(2)
-    print("# Two builds of the custom-op library: AlexNet fc6-fc8 at 90% sparsity\n")
+    what = ", ".join(forms) if args.files else "AlexNet fc6-fc8 at 90% sparsity"
+    print(f"# Two builds of the custom-op library: {what}\n")
     print(f"- CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); onnxruntime {ort.__version__}; 1 thread; "
           f"{args.runs} alternating runs per session, medians; load average at start {os.getloadavg()[0]:.1f}")
     print(f"- other: {other}\n- this: {libs['this']}\n")
@@ -503,8 +509,10 @@ def compare_lib(args) -> int:
                                                                  providers=["CPUExecutionProvider"])
                 finally:
                     os.environ.pop("TOOLCHAIN_KERNELS_ISA", None)
-        for n in args.batches:
-            feed = {"X": rng.standard_normal((n, LAYERS[0][1]), dtype=np.float32)}
+        inp = next(iter(sessions.values())).get_inputs()[0]
+        for n in args.batches:  # the first input, batch n, its other dimensions from the file
+            shape = [n] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
+            feed = {inp.name: rng.standard_normal(shape, dtype=np.float32)}
             outs = {key: sess.run(None, feed)[0] for key, sess in sessions.items()}
             wall = {key: [] for key in sessions}
             cpu = {key: [] for key in sessions}
@@ -521,8 +529,8 @@ def compare_lib(args) -> int:
                 a, b = (isa, "other"), (isa, "this")
                 ma, mb = statistics.median(wall[a]), statistics.median(wall[b])
                 diff = np.abs(outs[a] - outs[b]).max() / max(np.abs(outs[a]).max(), 1e-12)
-                print(f"| {form} | {isa} | {n} | {ma:.3f} | {mb:.3f} | {ma / mb:.2f}x | "
-                      f"{statistics.median(cpu[a]):.3f} / {statistics.median(cpu[b]):.3f} | {diff:.1e} |", flush=True)
+                print(f"| {form} | {isa} | {n} | {ma:.4g} | {mb:.4g} | {ma / mb:.2f}x | "
+                      f"{statistics.median(cpu[a]):.4g} / {statistics.median(cpu[b]):.4g} | {diff:.1e} |", flush=True)
     return 0
 
 
@@ -542,6 +550,8 @@ def main(argv=None) -> int:
     p.add_argument("--linear-paths", action="store_true",
                    help="small batches: tile product vs one batch-1 product per row (use with --batches 1 2 3 4 8)")
     p.add_argument("--compare-lib", metavar="OTHER_SO", help="A/B against another build of the custom-op library")
+    p.add_argument("--files", nargs="+", metavar="FAST_ONNX",
+                   help="--compare-lib: time these fast-form files (first input, batch from --batches) instead")
     args = p.parse_args(argv)
 
     kernels.library_path()  # build before timing
