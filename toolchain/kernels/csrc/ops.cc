@@ -531,7 +531,7 @@ Csr read_csr(const NodeInfo& n, int64_t cols) {
 
 // Column offset and value of entry e (numbered as in seg_ptr) of row m in block b of `w`, in either layout.
 inline void entry_of(const BlockedCsr& w, int64_t b, int64_t m, int64_t e, uint16_t* idx, float* val) {
-  if (!w.chunks) {
+  if (!w.chunk_ptr) {  // (chunk_ptr, not chunks: a matrix without entries has no chunks)
     *idx = w.idx[e];
     *val = w.val[e];
     return;
