@@ -131,6 +131,7 @@ def test_bench_sparse_fc_compare_lib_against_itself(capsys, tmp_path):
                      "--runs", "1", "--warmup", "0"]) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny.onnx |")]
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [(p, b) for b in ("1", "5") for p in paths]
+    assert bsf.main(["--compare-lib", str(copy), "--files", str(tmp_path / "missing.onnx")]) == 2
 
 
 def test_read_bandwidth_measures_every_call(monkeypatch):

@@ -475,6 +475,10 @@ def compare_lib(args) -> int:
               file=sys.stderr)
         return 2
     libs = {"other": str(other), "this": str(kernels.library_path())}
+    missing = [f for f in args.files or [] if not Path(f).is_file()]
+    if missing:
+        print(f"ERROR: {missing[0]} is not a file", file=sys.stderr)
+        return 2
     if args.files:  # fast-form files of the user's choice instead of the fc stack
         forms = {Path(f).name: onnx.load(f) for f in args.files}
     else:
@@ -503,12 +507,16 @@ def compare_lib(args) -> int:
                 so.inter_op_num_threads = 1
                 so.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 so.register_custom_ops_library(lib)
-                os.environ["TOOLCHAIN_KERNELS_ISA"] = isa
+                saved = os.environ.get("TOOLCHAIN_KERNELS_ISA")
+                os.environ["TOOLCHAIN_KERNELS_ISA"] = isa  # read when the session creates its kernels
                 try:
                     sessions[(isa, name)] = ort.InferenceSession(model.SerializeToString(), so,
                                                                  providers=["CPUExecutionProvider"])
                 finally:
-                    os.environ.pop("TOOLCHAIN_KERNELS_ISA", None)
+                    if saved is None:
+                        os.environ.pop("TOOLCHAIN_KERNELS_ISA", None)
+                    else:
+                        os.environ["TOOLCHAIN_KERNELS_ISA"] = saved
         inp = next(iter(sessions.values())).get_inputs()[0]
         for n in args.batches:  # the first input, batch n, its other dimensions from the file
             shape = [n] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
