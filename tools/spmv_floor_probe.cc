@@ -6,9 +6,10 @@
 // the product; the others are timing probes that read the same value and index streams but do less per
 // non-zero, to show which part of the work keeps a kernel from streaming at the memory's read rate.
 //
-//   probe_chunks      the product over the library's batch-1 layout since stop 22: chunks of 8 fp32 values
-//                     followed by their 8 uint16 column offsets (one interleaved stream, each row's last
-//                     chunk padded and masked), offsets read as 64-bit words, 1.5 loads per non-zero
+//   probe_chunks      the library's batch-1 kernel (kernels_avx2.cc, linked in) over its layout since stop 22:
+//                     chunks of 8 fp32 values followed by their 8 uint16 column offsets (one interleaved
+//                     stream, each row's last chunk padded and masked), offsets read as 64-bit words,
+//                     1.5 loads per non-zero
 //   probe_gather      the product over separate value and index arrays, each x value loaded by index
 //                     (scalar loads into 4-lane vectors: the library's AVX2 batch-1 kernel until stop 21),
 //                     2.25 loads per non-zero
@@ -36,6 +37,8 @@
 #include <random>
 #include <vector>
 
+#include "kernels.h"  // the library's batch-1 kernel (toolchain/kernels/csrc), linked in for probe_chunks
+
 namespace {
 
 double now() {
@@ -57,7 +60,8 @@ T* huge_copy(const std::vector<T>& v) {
 
 constexpr int kBlockCols = 2048;
 
-constexpr int kChunk = 8, kChunkBytes = 6 * kChunk;
+using tcops::kChunk;
+using tcops::kChunkBytes;
 
 struct Csr {
   int rows = 0, nblocks = 0, block_cols = 0;
@@ -66,6 +70,7 @@ struct Csr {
   const float* val = nullptr;
   const int32_t* chunk_start = nullptr;  // the same matrix in chunks: first chunk of segment (block, row)
   const uint8_t* chunks = nullptr;
+  tcops::BlockedCsr view{};                // the chunks as the library's kernels take them
   size_t nnz = 0, bytes = 0, chunk_bytes = 0;
 };
 
@@ -117,6 +122,8 @@ Csr make_layer(int rows, int cols, double density, uint32_t seed) {
   w.seg = huge_copy(seg);
   w.idx = huge_copy(idx);
   w.val = huge_copy(val);
+  // one sub-block per block: segment (b, r) is seg[b * rows + r], as the library's row-major store numbers it
+  w.view = tcops::BlockedCsr{rows, cols, bc, nblocks, bc, 1, 1, 1, w.seg, nullptr, nullptr, w.chunk_start, w.chunks};
   return w;
 }
 
@@ -151,54 +158,8 @@ void walk(const Csr& w, const float* x, float* y, Body body, Tail tail) {
   }
 }
 
-inline __m128 gather4w(const float* xb, const uint8_t* ip) {
-  uint64_t w;
-  memcpy(&w, ip, 8);
-  const uint32_t lo = static_cast<uint32_t>(w), hi = static_cast<uint32_t>(w >> 32);
-  const __m128 a = _mm_insert_ps(_mm_load_ss(xb + (lo & 0xffff)), _mm_load_ss(xb + (lo >> 16)), 0x10);
-  const __m128 b = _mm_insert_ps(_mm_load_ss(xb + (hi & 0xffff)), _mm_load_ss(xb + (hi >> 16)), 0x10);
-  return _mm_movelh_ps(a, b);
-}
-
-alignas(64) const int32_t kLaneMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-
-// The library's batch-1 loop over its chunks (kernels_avx2.cc), segments walked as the others walk them.
-void probe_chunks(const Csr& w, const float* x, float* y) {
-  for (int b = 0; b < w.nblocks; ++b) {
-    const float* xb = x + static_cast<int64_t>(b) * w.block_cols;
-    const int32_t* sp = w.seg + static_cast<int64_t>(b) * w.rows;
-    const int32_t* cp = w.chunk_start + static_cast<int64_t>(b) * w.rows;
-    for (int m = 0; m < w.rows; ++m) {
-      __m128 a0 = _mm_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      const int64_t n = sp[m + 1] - sp[m];
-      if (n > 0) {
-        const uint8_t* p = w.chunks + static_cast<int64_t>(cp[m]) * kChunkBytes;
-        const int64_t full = (n - 1) / kChunk;
-        const uint8_t* last = p + full * kChunkBytes;
-        auto chunk = [xb](const uint8_t* c, __m128& lo, __m128& hi) {
-          const float* v = reinterpret_cast<const float*>(c);
-          lo = _mm_fmadd_ps(_mm_loadu_ps(v), gather4w(xb, c + 4 * kChunk), lo);
-          hi = _mm_fmadd_ps(_mm_loadu_ps(v + 4), gather4w(xb, c + 4 * kChunk + 8), hi);
-        };
-        for (; p + kChunkBytes < last; p += 2 * kChunkBytes) {
-          chunk(p, a0, a1);
-          chunk(p + kChunkBytes, a2, a3);
-        }
-        if (p < last) {
-          chunk(p, a0, a1);
-          p += kChunkBytes;
-        }
-        const int64_t r = n - full * kChunk;
-        const __m128 k0 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kLaneMask + 8 - r)));
-        const __m128 k1 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kLaneMask + 12 - r)));
-        const float* v = reinterpret_cast<const float*>(p);
-        a2 = _mm_fmadd_ps(_mm_loadu_ps(v), _mm_and_ps(gather4w(xb, p + 4 * kChunk), k0), a2);
-        a3 = _mm_fmadd_ps(_mm_loadu_ps(v + 4), _mm_and_ps(gather4w(xb, p + 4 * kChunk + 8), k1), a3);
-      }
-      y[m] = (b ? y[m] : 0.f) + hsum4(_mm_add_ps(_mm_add_ps(a0, a1), _mm_add_ps(a2, a3)));
-    }
-  }
-}
+// The library's batch-1 kernel itself (kernels_avx2.cc, which the AVX-512 table uses too) over the chunks.
+void probe_chunks(const Csr& w, const float* x, float* y) { tcops::avx2_kernels()->spmv(w.view, 0, w.rows, x, nullptr, y); }
 
 void probe_gather(const Csr& w, const float* x, float* y) {
   const float* v = w.val;

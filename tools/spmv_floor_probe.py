@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Why the fp32 batch-1 sparse kernel stays above the bandwidth floor: timing probes over its layout.
 
-Compiles tools/spmv_floor_probe.cc (a C++ compiler is needed; AVX2 + FMA CPUs only) and runs it on AlexNet's
+Compiles tools/spmv_floor_probe.cc with the library's toolchain/kernels/csrc/kernels_avx2.cc (a C++ compiler is
+needed; AVX2 + FMA CPUs only) and runs it on AlexNet's
 fc stack at 10 % density in the fp32 fast form's layout. It prints one table: per probe, the nanoseconds per kept
 weight with the weights streamed from memory (caches flushed before each run) and with a small layer held in L2.
 The floor is the `one_stream` probe: a sequential read of a buffer as large as the weights, timed in the same
@@ -24,11 +25,12 @@ from pathlib import Path
 from toolchain.bench import cpu_flags, cpu_name
 
 SOURCE = Path(__file__).resolve().parent / "spmv_floor_probe.cc"
+KERNELS = Path(__file__).resolve().parents[1] / "toolchain" / "kernels" / "csrc"  # the library's batch-1 kernel
 
 # name -> (what it does per 16 kept weights, memory loads per kept weight)
 PROBES = {
     "chunks": ("the product over chunks of 8 values + their 8 16-bit indices, indices read as 64-bit words (the "
-               "library's batch-1 layout and AVX2 loop since stop 22)", 1.5),
+               "library's batch-1 layout since stop 22 and its AVX2 kernel, linked in)", 1.5),
     "gather": ("the product over separate value and index arrays: 16 x values loaded by index into 4-lane vectors "
                "(the library's AVX2 loop until stop 21)", 2.25),
     "idx64": ("the product, indices read as 64-bit words and split with shifts", 1.5),
@@ -46,7 +48,8 @@ def build(workdir: Path) -> Path:
     if not cxx:
         raise SystemExit("error: no C++ compiler found (set CXX)")
     exe = workdir / "spmv_floor_probe"
-    cmd = [cxx, "-O3", "-std=c++17", "-mavx2", "-mfma", str(SOURCE), "-o", str(exe)]
+    cmd = [cxx, "-O3", "-std=c++17", "-mavx2", "-mfma", "-I", str(KERNELS), str(SOURCE), str(KERNELS / "kernels_avx2.cc"),
+           "-o", str(exe)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"error: compiling {SOURCE.name} failed:\n{r.stderr}")
