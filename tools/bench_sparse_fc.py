@@ -123,16 +123,31 @@ def sparse_bytes(weights) -> int:
     return total
 
 
-def session(model: onnx.ModelProto, threads: int, sparse: bool) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, threads: int, sparse: bool, lib: str | None = None,
+            env: dict[str, str] | None = None) -> ort.InferenceSession:
+    """A session for alternating timings; sparse: with the custom ops of `lib` (default: this checkout's
+    library). `env` (TOOLCHAIN_KERNELS_ISA, _LINEAR, ...) is set while the session creates its kernels, which
+    read it then, and restored afterwards."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     # The sessions' runs alternate: a worker left spinning after one session's run would take a CPU from
     # the next session's run (on 2 cores, 2-thread runs measured slower than 1-thread ones, dense Gemm too).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if sparse:
+    if sparse and lib:
+        so.register_custom_ops_library(lib)
+    elif sparse:
         kernels.register(so)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def cache_resident_rates(isas, reps: int = 5, rows: int = 150, seconds: float = 0.3) -> dict[str, float]:
@@ -145,13 +160,8 @@ def cache_resident_rates(isas, reps: int = 5, rows: int = 150, seconds: float = 
     small = magnitude_prune(rng.standard_normal((1, k), dtype=np.float32), 0.10)
     extra = int(np.count_nonzero(big)) - int(np.count_nonzero(small))
     x = rng.standard_normal((1, k), dtype=np.float32)
-    sessions = {}
-    for isa in isas:
-        os.environ["TOOLCHAIN_KERNELS_ISA"] = isa
-        try:
-            sessions[isa] = [session(csr.make_sparse_linear_model(w, None), 1, True) for w in (big, small)]
-        finally:
-            os.environ.pop("TOOLCHAIN_KERNELS_ISA", None)
+    sessions = {isa: [session(csr.make_sparse_linear_model(w, None), 1, True, env={"TOOLCHAIN_KERNELS_ISA": isa})
+                      for w in (big, small)] for isa in isas}
 
     def median_run(sess) -> float:
         for _ in range(20):
@@ -175,25 +185,28 @@ def iqr(xs):
     return q[1] - q[0]
 
 
-def bench_pair(dense, sparse, x, runs: int, warmup: int):
-    """Wall-clock ms of alternating runs, and the calling thread's CPU ms (all the work when the
-    session has one intra-op thread; unaffected by time spent descheduled on a busy machine)."""
-    feed = {"X": x}
+def time_alternating(sessions: dict, feed: dict, runs: int, warmup: int) -> tuple[dict, dict]:
+    """Wall-clock ms of single runs of each session, the sessions alternating so all see the same machine
+    load, and the calling thread's CPU ms (all the work when a session has one intra-op thread; unaffected by
+    time spent descheduled on a busy machine). Returns ({key: wall ms}, {key: CPU ms})."""
     for _ in range(warmup):
-        dense.run(None, feed)
-        sparse.run(None, feed)
-    td, ts, cd, cs = [], [], [], []
-    for _ in range(runs):  # alternate so both see the same machine load
-        c0, t0 = time.thread_time(), time.perf_counter()
-        dense.run(None, feed)
-        c1, t1 = time.thread_time(), time.perf_counter()
-        sparse.run(None, feed)
-        c2, t2 = time.thread_time(), time.perf_counter()
-        td.append((t1 - t0) * 1e3)
-        ts.append((t2 - t1) * 1e3)
-        cd.append((c1 - c0) * 1e3)
-        cs.append((c2 - c1) * 1e3)
-    return td, ts, cd, cs
+        for sess in sessions.values():
+            sess.run(None, feed)
+    wall = {key: [] for key in sessions}
+    cpu = {key: [] for key in sessions}
+    for _ in range(runs):
+        for key, sess in sessions.items():
+            c0, t0 = time.thread_time(), time.perf_counter()
+            sess.run(None, feed)
+            cpu[key].append((time.thread_time() - c0) * 1e3)
+            wall[key].append((time.perf_counter() - t0) * 1e3)
+    return wall, cpu
+
+
+def bench_pair(dense, sparse, x, runs: int, warmup: int):
+    """time_alternating for a dense and a sparse session: wall dense, wall sparse, CPU dense, CPU sparse."""
+    wall, cpu = time_alternating({"dense": dense, "sparse": sparse}, {"X": x}, runs, warmup)
+    return wall["dense"], wall["sparse"], cpu["dense"], cpu["sparse"]
 
 
 def sweep(args) -> int:
@@ -430,13 +443,8 @@ def linear_paths(args) -> int:
     print("| form | batch | tile ms | rowwise ms | rowwise speed-up | auto takes |")
     print("|---|---:|---:|---:|---:|---|")
     for form, model in forms.items():
-        sessions = {}
-        for path in ("tile", "rowwise", "auto"):
-            os.environ["TOOLCHAIN_KERNELS_LINEAR"] = path
-            try:
-                sessions[path] = session(model, 1, True)
-            finally:
-                os.environ.pop("TOOLCHAIN_KERNELS_LINEAR", None)
+        sessions = {path: session(model, 1, True, env={"TOOLCHAIN_KERNELS_LINEAR": path})
+                    for path in ("tile", "rowwise", "auto")}
         auto_sess = sessions.pop("auto")
         for n in args.batches:
             x = rng.standard_normal((n, LAYERS[0][1]), dtype=np.float32)
@@ -447,15 +455,7 @@ def linear_paths(args) -> int:
             if err > 1e-4:
                 print(f"ERROR: the two paths differ by {err:.2e} (relative) at batch {n}", file=sys.stderr)
                 return 1
-            ts = {path: [] for path in sessions}
-            for _ in range(args.warmup):
-                for sess in sessions.values():
-                    sess.run(None, feed)
-            for _ in range(args.runs):
-                for path, sess in sessions.items():
-                    t0 = time.perf_counter()
-                    sess.run(None, feed)
-                    ts[path].append((time.perf_counter() - t0) * 1e3)
+            ts, _ = time_alternating(sessions, feed, args.runs, args.warmup)
             mt, mr = statistics.median(ts["tile"]), statistics.median(ts["rowwise"])
             # which path the default takes: the one whose output it reproduces bit for bit
             y_auto = auto_sess.run(None, feed)[0]
@@ -499,40 +499,14 @@ def compare_lib(args) -> int:
     print("| form | ISA path | batch | other ms | this ms | speed-up | CPU ms other / this | max rel. difference |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for form, model in forms.items():
-        sessions = {}
-        for isa in isas:
-            for name, lib in libs.items():
-                so = ort.SessionOptions()
-                so.intra_op_num_threads = 1
-                so.inter_op_num_threads = 1
-                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                so.register_custom_ops_library(lib)
-                saved = os.environ.get("TOOLCHAIN_KERNELS_ISA")
-                os.environ["TOOLCHAIN_KERNELS_ISA"] = isa  # read when the session creates its kernels
-                try:
-                    sessions[(isa, name)] = ort.InferenceSession(model.SerializeToString(), so,
-                                                                 providers=["CPUExecutionProvider"])
-                finally:
-                    if saved is None:
-                        os.environ.pop("TOOLCHAIN_KERNELS_ISA", None)
-                    else:
-                        os.environ["TOOLCHAIN_KERNELS_ISA"] = saved
+        sessions = {(isa, name): session(model, 1, True, lib=lib, env={"TOOLCHAIN_KERNELS_ISA": isa})
+                    for isa in isas for name, lib in libs.items()}
         inp = next(iter(sessions.values())).get_inputs()[0]
         for n in args.batches:  # the first input, batch n, its other dimensions from the file
             shape = [n] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
             feed = {inp.name: rng.standard_normal(shape, dtype=np.float32)}
             outs = {key: sess.run(None, feed)[0] for key, sess in sessions.items()}
-            wall = {key: [] for key in sessions}
-            cpu = {key: [] for key in sessions}
-            for _ in range(args.warmup):
-                for sess in sessions.values():
-                    sess.run(None, feed)
-            for _ in range(args.runs):
-                for key, sess in sessions.items():
-                    t0, c0 = time.perf_counter(), time.thread_time()
-                    sess.run(None, feed)
-                    cpu[key].append((time.thread_time() - c0) * 1e3)
-                    wall[key].append((time.perf_counter() - t0) * 1e3)
+            wall, cpu = time_alternating(sessions, feed, args.runs, args.warmup)
             for isa in isas:
                 a, b = (isa, "other"), (isa, "this")
                 ma, mb = statistics.median(wall[a]), statistics.median(wall[b])
