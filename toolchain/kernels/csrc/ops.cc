@@ -317,8 +317,19 @@ int64_t chunk_rows(int64_t rows, int64_t target, int64_t min_rows, int64_t max_r
   return std::max<int64_t>(c, 1);
 }
 
-// Rows of W per task of a batch-1 linear product (linear_rowwise); the batch-1 chunks are laid out for it.
+// Rows of W per task of a batch-1 linear product (linear_rowwise); the batch-1 layouts are laid out for it.
 int64_t rowwise_task_rows(int64_t rows) { return chunk_rows(rows, 16, 64, 512); }
+
+// f(b, m) for the (block b, row m) segments of a batch-1 layout in the order its tasks read them: all
+// blocks of a task's rows, then the next task's rows. Laid out in this order, the segments one call reads
+// form one sequential stream (the fp32 chunks and the packed formats' segments).
+template <class F>
+void for_each_segment_in_task_order(int64_t rows, int64_t nblocks, const F& f) {
+  const int64_t task_rows = rowwise_task_rows(rows);
+  for (int64_t r0 = 0; r0 < rows; r0 += task_rows)
+    for (int64_t b = 0; b < nblocks; ++b)
+      for (int64_t m = r0; m < std::min(rows, r0 + task_rows); ++m) f(b, m);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Reading the node.
@@ -584,20 +595,17 @@ struct BlockedStore {
 
   // Row-major store -> the batch-1 chunks of kernels.h; idx and val are freed. A row's last chunk is
   // padded with value 0, offset 0 (the kernels mask those lanes). The chunks are laid out in the order the
-  // batch-1 product reads them when it takes `task_rows` rows at a time (all blocks of those rows, then the
-  // next rows), so one call reads its weights as one sequential stream.
-  void to_chunks(int64_t task_rows) {
+  // batch-1 tasks read them (for_each_segment_in_task_order).
+  void to_chunks() {
     const int64_t M = view.rows, S = view.nsub, nb = view.nblocks;
     chunk_ptr.assign(nb * M + 1, 0);
     int64_t total = 0;
-    for (int64_t r0 = 0; r0 < M; r0 += task_rows)
-      for (int64_t b = 0; b < nb; ++b)
-        for (int64_t m = r0; m < std::min(M, r0 + task_rows); ++m) {
-          const int64_t g = b * M + m;
-          chunk_ptr[g] = static_cast<int32_t>(total);
-          total += (seg_ptr[(g + 1) * S] - seg_ptr[g * S] + kChunk - 1) / kChunk;
-          if (total >= INT32_MAX) throw OpError(ORT_FAIL, "sparse matrix too large to repack");
-        }
+    for_each_segment_in_task_order(M, nb, [&](int64_t b, int64_t m) {
+      const int64_t g = b * M + m;
+      chunk_ptr[g] = static_cast<int32_t>(total);
+      total += (seg_ptr[(g + 1) * S] - seg_ptr[g * S] + kChunk - 1) / kChunk;
+      if (total >= INT32_MAX) throw OpError(ORT_FAIL, "sparse matrix too large to repack");
+    });
     chunk_ptr[nb * M] = static_cast<int32_t>(total);
     chunks.assign(total * kChunkBytes, 0);
     for (int64_t g = 0; g < nb * M; ++g) {
@@ -650,11 +658,10 @@ struct BlockedStore {
 // sub-major for tile products built on first use (so batch-1-only sessions hold one copy).
 class BlockedWeights {
  public:
-  // want_row_major: batch-1 chunks for products that take task_rows rows at a time (to_chunks).
-  void init(const Csr& c, int64_t cols, bool want_row_major, int64_t task_rows = 1) {
+  void init(const Csr& c, int64_t cols, bool want_row_major) {
     row_major_.build_row_major(c, cols);
     if (want_row_major) {
-      row_major_.to_chunks(task_rows);
+      row_major_.to_chunks();
     } else {
       sub_major_.build_sub_major(row_major_.view);
       sub_ready_.store(true);
@@ -868,7 +875,7 @@ class SparseLinear {
     rows_ = c.rows;
     bias_ = std::move(c.bias);
     // Columns past the largest index hold no non-zeros: blocking stops there.
-    w_.init(c, std::max<int64_t>(c.max_col + 1, 1), /*want_row_major=*/true, rowwise_task_rows(rows_));
+    w_.init(c, std::max<int64_t>(c.max_col + 1, 1), /*want_row_major=*/true);
   }
 
   void compute(OrtKernelContext* ctx) {
@@ -1025,19 +1032,14 @@ class PackedLinear {
     for (int64_t m = 0; m < rows_; ++m)
       for (int32_t e = rp_[m]; e < rp_[m + 1]; ++e)
         if (!zero(e)) len_[(cols[e] / block_cols_) * rows_ + m]++;
-    // Segments in the order the batch-1 tasks read them (all blocks of a task's rows, then the next
-    // rows: one sequential stream per call, as the fp32 chunks of BlockedStore::to_chunks).
     const bool even = kind_ == kCodebook4;
-    const int64_t task_rows = rowwise_task_rows(rows_);
     int64_t at = 0;
-    for (int64_t r0 = 0; r0 < rows_; r0 += task_rows)
-      for (int64_t b = 0; b < nblocks_; ++b)
-        for (int64_t m = r0; m < std::min(rows_, r0 + task_rows); ++m) {
-          const int64_t i = b * rows_ + m;
-          if (even) at += at & 1;
-          start_[i] = at;
-          at += len_[i];
-        }
+    for_each_segment_in_task_order(rows_, nblocks_, [&](int64_t b, int64_t m) {
+      const int64_t i = b * rows_ + m;
+      if (even) at += at & 1;
+      start_[i] = at;
+      at += len_[i];
+    });
     idx_.assign(at + 64, 0);
     code_.assign((even ? (at + 1) / 2 : at) + 64, 0);
     std::vector<int64_t> fill(start_.begin(), start_.end());
